@@ -1,0 +1,54 @@
+"""The one place that turns `device: auto|cpu|cuda|cuda:N|mps` into a torch.device."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from stages.errors import StageError
+
+log = logging.getLogger(__name__)
+
+
+class DeviceError(StageError):
+    """The requested device does not exist on this machine."""
+
+
+def resolve_device(spec: str) -> torch.device:
+    """auto picks CUDA, then MPS, then CPU; an explicit request that cannot be met is an error."""
+    mps_available = torch.backends.mps.is_available()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            spec = "cuda"
+        elif mps_available:
+            spec = "mps"
+        else:
+            spec = "cpu"
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device = {spec!r}: CUDA is not available on this machine "
+                "(torch.cuda.is_available() is False); use device: auto or cpu"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"device = {spec!r}: this machine has {count} CUDA device(s)")
+    if device.type == "mps" and not mps_available:
+        raise DeviceError(f"device = {spec!r}: MPS is not available on this machine")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    log.info("device: %s (%s)", device, name)
+    return device
+
+
+def configure_threads(num_threads: int) -> int:
+    """Sets torch's intra-op threads; 0 means one per physical core (hyperthreads slow GEMMs)."""
+    if num_threads == 0:
+        import psutil
+
+        num_threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    torch.set_num_threads(num_threads)
+    log.info("torch threads: %d", num_threads)
+    return num_threads

@@ -1,0 +1,141 @@
+"""python -m stages.evaluate
+
+Scores models/train/model_weights.pth on the test split. Writes to reports/evaluate/:
+metrics.json (accuracy, loss, macro_f1: shown by `dvc metrics show`), per_class.csv (precision,
+recall, F1 and support per class), confusion.csv (a DVC confusion plot), and the PNGs
+confusion_matrix.png and training_curves.png (the latter from train's dvclive curves).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from prefect import task
+from prefect.cache_policies import NONE
+
+from stages.artifacts import atomic_path, write_json, write_text
+from stages.config import EVAL_DIR, LIVE_DIR, PROCESSED_DIR, TRAINED_WEIGHTS, Params
+from stages.dataset import CLASSES, load_dataset, make_loader
+from stages.device import resolve_device
+from stages.errors import StageError
+from stages.model import NUM_CLASSES, load_model, test_loop
+from stages.runtime import run_cli, stage_logger
+
+
+def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
+    """counts[actual, predicted]."""
+    pairs = labels.to(torch.int64) * NUM_CLASSES + predictions.to(torch.int64)
+    return torch.bincount(pairs, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
+
+
+def per_class_table(counts: torch.Tensor) -> pd.DataFrame:
+    counts = counts.to(torch.float64)
+    hits = counts.diag()
+    precision = hits / counts.sum(dim=0).clamp(min=1)
+    recall = hits / counts.sum(dim=1).clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    return pd.DataFrame({
+        "class": CLASSES,
+        "precision": precision.numpy().round(6),
+        "recall": recall.numpy().round(6),
+        "f1": f1.numpy().round(6),
+        "support": counts.sum(dim=1).to(torch.int64).numpy(),
+    })  # fmt: skip
+
+
+def save_figure(figure: Figure, dest: Path) -> None:
+    # Figure without pyplot: no GUI backend, no global state, nothing to close.
+    with atomic_path(dest) as tmp:
+        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None})
+
+
+def plot_confusion(counts: torch.Tensor, accuracy: float, dest: Path) -> None:
+    figure = Figure(figsize=(7.5, 6.5))
+    axes = figure.subplots()
+    image = axes.imshow(counts.numpy(), cmap="Blues")
+    figure.colorbar(image, ax=axes, fraction=0.046)
+    axes.set_xticks(range(NUM_CLASSES), CLASSES, rotation=45, ha="right")
+    axes.set_yticks(range(NUM_CLASSES), CLASSES)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("actual")
+    axes.set_title(f"Test confusion matrix (accuracy {accuracy:.2%})")
+    threshold = counts.max().item() / 2
+    for actual in range(NUM_CLASSES):
+        for predicted in range(NUM_CLASSES):
+            value = int(counts[actual, predicted])
+            color = "white" if value > threshold else "black"
+            axes.text(predicted, actual, value, ha="center", va="center", fontsize=7, color=color)
+    save_figure(figure, dest)
+
+
+def plot_training_curves(live_dir: Path, dest: Path) -> None:
+    curves = Path(live_dir) / "plots" / "metrics"
+    panels = {"loss": ["train/loss", "val/loss"], "accuracy": ["val/accuracy"]}
+    figure = Figure(figsize=(10, 4))
+    axes = figure.subplots(1, 2)
+    for ax, (title, names) in zip(axes, panels.items(), strict=True):
+        for name in names:
+            path = curves / f"{name}.tsv"
+            if not path.is_file():
+                raise StageError(f"{path}: missing; run the train stage first")
+            frame = pd.read_csv(path, sep="\t")
+            ax.plot(frame["step"] + 1, frame[name.split("/")[-1]], marker="o", label=name)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_figure(figure, dest)
+
+
+@task(name="evaluate", cache_policy=NONE, persist_result=False)
+def evaluate(
+    params: Params,
+    processed_dir: Path = PROCESSED_DIR,
+    weights_path: Path = TRAINED_WEIGHTS,
+    live_dir: Path = LIVE_DIR,
+    out_dir: Path = EVAL_DIR,
+) -> dict[str, float]:
+    log = stage_logger("evaluate")
+    device = resolve_device(params.device)
+    test_data = load_dataset(processed_dir, "test", device)
+    model = load_model(weights_path, params.train.hidden_sizes, device)
+    loss, predictions = test_loop(
+        make_loader(test_data, params.evaluate.batch_size, shuffle=False), model
+    )
+    labels = test_data.labels.cpu()
+    counts = confusion_matrix(labels, predictions)
+    table = per_class_table(counts)
+    metrics = {
+        "accuracy": round(counts.diag().sum().item() / len(test_data), 6),
+        "loss": round(loss, 6),
+        "macro_f1": round(float(table["f1"].mean()), 6),
+    }
+    out_dir = Path(out_dir)
+    write_text(table.to_csv(index=False), out_dir / "per_class.csv")
+    pairs = pd.DataFrame({
+        "actual": [CLASSES[i] for i in labels.tolist()],
+        "predicted": [CLASSES[i] for i in predictions.tolist()],
+    })  # fmt: skip
+    write_text(pairs.to_csv(index=False), out_dir / "confusion.csv")
+    plot_confusion(counts, metrics["accuracy"], out_dir / "confusion_matrix.png")
+    plot_training_curves(live_dir, out_dir / "training_curves.png")
+    write_json(metrics, out_dir / "metrics.json")
+    log.info(
+        "test accuracy %.4f, loss %.4f, macro F1 %.4f",
+        metrics["accuracy"],
+        metrics["loss"],
+        metrics["macro_f1"],
+    )
+    log.info("per class:\n%s", table.to_string(index=False))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(evaluate, __doc__, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""python -m stages.export
+
+Publishes the trained model: models/model_weights.pth (the state_dict, CPU tensors, checked to
+load with torch.load(weights_only=True) into a fresh NeuralNetwork with strict=True),
+models/model.safetensors, and a model card in
+models/model_card.json and models/model_card.md with the params, the test metrics, the input
+normalisation, the raw data checksums and the code version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import task
+from prefect.cache_policies import NONE
+from safetensors.torch import save_file
+
+from stages.artifacts import atomic_path, file_digest, save_torch, write_json, write_text
+from stages.config import (
+    EVAL_DIR,
+    EXPORT_DIR,
+    PROCESSED_DIR,
+    RAW_DIR,
+    TRAINED_WEIGHTS,
+    Params,
+)
+from stages.dataset import CLASSES, load_stats
+from stages.errors import StageError
+from stages.model import load_model
+from stages.runtime import run_cli, stage_logger
+
+STAGES_SOURCE = Path(__file__).resolve().parent
+CARD_PARAMS = {"seed", "device", "preprocess", "train", "export"}
+
+
+def code_version() -> dict[str, str | None]:
+    """The git commit when there is one, and a hash of the stage code that ran."""
+    digest = hashlib.sha256()
+    for path in sorted(STAGES_SOURCE.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=STAGES_SOURCE,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {"git_commit": commit, "stages_sha256": digest.hexdigest()}
+
+
+def data_checksums(raw_dir: Path) -> dict[str, dict[str, str]]:
+    files = sorted(Path(raw_dir).glob("*.gz"))
+    if not files:
+        raise StageError(f"{raw_dir}: no raw files; run the download stage first")
+    return {
+        f.name: {"md5": file_digest(f, "md5"), "sha256": file_digest(f, "sha256")} for f in files
+    }
+
+
+def render_card(card: dict[str, Any]) -> str:
+    metrics = card["metrics"]
+    norm = card["input"]["normalize"]
+    rows = "\n".join(f"| {name} | `{sums['md5']}` |" for name, sums in card["data"].items())
+    return f"""# {card["model_name"]}
+
+{card["architecture"]}, trained on FashionMNIST (10 classes: {", ".join(CLASSES)}).
+
+| test metric | value |
+|---|---|
+| accuracy | {metrics["accuracy"]:.4f} |
+| loss | {metrics["loss"]:.4f} |
+| macro F1 | {metrics["macro_f1"]:.4f} |
+
+**Input**: float32 `[N, 1, 28, 28]`, pixels scaled to 0..1, then
+`(x - {norm["mean"]}) / {norm["std"]}`.
+
+```python
+import torch
+from stages.model import NeuralNetwork
+
+model = NeuralNetwork({card["hidden_sizes"]})
+model.load_state_dict(torch.load("models/model_weights.pth", weights_only=True), strict=True)
+model.eval()
+```
+
+| raw file | md5 |
+|---|---|
+{rows}
+
+Code: git commit `{card["code"]["git_commit"]}`, stages sha256 `{card["code"]["stages_sha256"]}`.
+torch {card["torch_version"]}. Full params: `model_card.json`.
+"""
+
+
+@task(name="export", cache_policy=NONE, persist_result=False)
+def export(
+    params: Params,
+    weights_path: Path = TRAINED_WEIGHTS,
+    processed_dir: Path = PROCESSED_DIR,
+    raw_dir: Path = RAW_DIR,
+    eval_dir: Path = EVAL_DIR,
+    out_dir: Path = EXPORT_DIR,
+) -> dict[str, Any]:
+    log = stage_logger("export")
+    hidden_sizes = params.train.hidden_sizes
+    model = load_model(weights_path, hidden_sizes)
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    out_dir = Path(out_dir)
+    final_weights = out_dir / "model_weights.pth"
+    save_torch(state, final_weights)
+    load_model(final_weights, hidden_sizes)  # the tutorial's reload, as users will do it
+    files = {final_weights.name: file_digest(final_weights, "sha256")}
+    tensors_path = out_dir / "model.safetensors"
+    with atomic_path(tensors_path) as tmp:
+        save_file(state, tmp, metadata={"hidden_sizes": json.dumps(hidden_sizes)})
+    files[tensors_path.name] = file_digest(tensors_path, "sha256")
+
+    metrics_path = Path(eval_dir) / "metrics.json"
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except FileNotFoundError:
+        raise StageError(f"{metrics_path}: missing; run the evaluate stage first") from None
+    mean, std = load_stats(processed_dir)
+    card = {
+        "model_name": params.export.model_name,
+        "architecture": "NeuralNetwork: Flatten, then Linear layers "
+        + "-".join(str(width) for width in [784, *hidden_sizes, 10])
+        + " with ReLU between them",
+        "hidden_sizes": hidden_sizes,
+        "classes": list(CLASSES),
+        "input": {
+            "shape": [1, 28, 28],
+            "dtype": "float32",
+            "normalize": {"mean": mean, "std": std},
+        },
+        "metrics": metrics,
+        # The params that decide the weights; dvc.yaml tracks exactly these for this stage.
+        "params": params.model_dump(mode="json", include=CARD_PARAMS),
+        "data": data_checksums(raw_dir),
+        "code": code_version(),
+        "torch_version": torch.__version__.split("+")[0],
+        "files": files,
+    }
+    write_json(card, out_dir / "model_card.json")
+    write_text(render_card(card), out_dir / "model_card.md")
+    log.info("exported %s (test accuracy %.4f)", ", ".join(files), metrics["accuracy"])
+    return card
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(export, __doc__, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""How a stage runs: its logger, its command line, and whether Prefect records the run.
+
+`python -m stages.<name>` (what dvc.yaml runs) calls `run_cli`. With a Prefect API configured
+(PREFECT_API_URL or a profile), the stage runs as a Prefect task run on that server; without one
+it calls the task's function directly, so `dvc repro` never pays for Prefect's temporary server.
+Either way the same function does the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+
+from stages.config import PARAMS_FILE, Params, load_params
+from stages.errors import StageError
+
+
+def stage_logger(stage: str) -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a task or flow run (so the UI shows it), else `stages.<stage>`.
+
+    Named by stage, not __name__, which is "__main__" under `python -m stages.<stage>`.
+    """
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(f"stages.{stage}")
+
+
+def prefect_api_url() -> str | None:
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url
+
+
+def run_cli(stage_task: Any, description: str | None, argv: list[str] | None = None) -> int:
+    """Parses the command line, validates params.yaml, runs the stage; returns the exit code."""
+    name = stage_task.name
+    parser = argparse.ArgumentParser(
+        prog=f"python -m stages.{name}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--params", type=Path, default=PARAMS_FILE, help="parameters file (default: %(default)s)"
+    )
+    args = parser.parse_args(argv)
+    # Prefect's import already gave the root logger its console handler; else add a plain one.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("stages").setLevel(logging.INFO)
+    log = stage_logger(name)
+    try:
+        params = load_params(args.params)
+        run: Callable[[Params], Any] = stage_task if prefect_api_url() else stage_task.fn
+        log.info("%s: starting (as a Prefect task run: %s)", name, run is stage_task)
+        run(params)
+    except StageError as exc:
+        print(f"error: {name}: {exc}", file=sys.stderr)
+        return 1
+    return 0

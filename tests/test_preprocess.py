@@ -1,0 +1,123 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages.config import Params
+from stages.dataset import FashionMNISTTensors, SplitFormatError, load_split, make_loader
+from stages.preprocess import IdxFormatError, preprocess, read_idx
+
+from .conftest import RAW_NAMES, idx_bytes, make_split, write_gz
+
+
+def test_splits_are_tensors_of_the_right_shape(processed_dir: Path) -> None:
+    sizes = {}
+    for split in ("train", "val", "test"):
+        images, labels = load_split(processed_dir, split)
+        assert images.dtype == torch.uint8 and images.shape[1:] == (28, 28)
+        assert labels.dtype == torch.int64
+        sizes[split] = len(labels)
+    assert sizes == {"train": 90, "val": 30, "test": 40}  # val_fraction 0.25 of 120
+
+
+def test_validation_split_is_seeded_and_disjoint(raw_dir: Path, tmp_path: Path,
+                                                 small_params: Params) -> None:
+    def val_images(seed: int) -> torch.Tensor:
+        out = tmp_path / f"seed{seed}"
+        preprocess.fn(small_params.model_copy(update={"seed": seed}), raw_dir, out)
+        return load_split(out, "val")[0]
+
+    assert torch.equal(val_images(1), val_images(1))
+    assert not torch.equal(val_images(1), val_images(2))
+    train = load_split(tmp_path / "seed1", "train")[0].flatten(1)
+    val = val_images(1).flatten(1)
+    assert len(train) + len(val) == 120
+    assert not (train[:, None, :] == val[None, :, :]).all(-1).any()  # no image in both
+
+
+def test_stats_come_from_the_train_split(processed_dir: Path) -> None:
+    stats = json.loads((processed_dir / "stats.json").read_text())
+    train = load_split(processed_dir, "train")[0].double() / 255
+    assert stats["source"] == "train split"
+    assert stats["mean"] == pytest.approx(train.mean().item(), abs=1e-6)
+    assert stats["std"] == pytest.approx(train.std().item(), abs=1e-6)
+
+
+def test_stats_can_come_from_params(raw_dir: Path, tmp_path: Path, small_params: Params) -> None:
+    fixed = small_params.model_copy(
+        update={"preprocess": small_params.preprocess.model_copy(update={"mean": 0.5, "std": 0.25})}
+    )
+    preprocess.fn(fixed, raw_dir, tmp_path / "out")
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert (stats["mean"], stats["std"], stats["source"]) == (0.5, 0.25, "params.yaml")
+
+
+def test_wrong_magic_number_is_refused(tmp_path: Path) -> None:
+    images, _ = make_split(4, seed=0)
+    path = tmp_path / "bad.gz"
+    write_gz(path, idx_bytes(images, magic=0x00000801))
+    with pytest.raises(IdxFormatError, match="magic number 0x00000801, expected 0x00000803"):
+        read_idx(path, ndim=3)
+
+
+def test_truncated_data_is_refused(tmp_path: Path) -> None:
+    images, _ = make_split(4, seed=0)
+    path = tmp_path / "short.gz"
+    write_gz(path, idx_bytes(images)[:-10])
+    with pytest.raises(IdxFormatError, match=r"header says shape \[4, 28, 28\]"):
+        read_idx(path, ndim=3)
+
+
+def test_not_gzip_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "plain.gz"
+    path.write_bytes(b"not gzip at all")
+    with pytest.raises(IdxFormatError, match="not a readable gzip file"):
+        read_idx(path, ndim=1)
+
+
+def test_wrong_image_size_is_refused(raw_dir: Path, tmp_path: Path, small_params: Params) -> None:
+    write_gz(raw_dir / RAW_NAMES["train"][0], idx_bytes(torch.zeros(120, 14, 14)))
+    with pytest.raises(IdxFormatError, match=r"images are \[14, 14\], expected 28x28"):
+        preprocess.fn(small_params, raw_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_labels_out_of_range_are_refused(raw_dir: Path, tmp_path: Path,
+                                         small_params: Params) -> None:
+    write_gz(raw_dir / RAW_NAMES["test"][1], idx_bytes(torch.full((40,), 12)))
+    with pytest.raises(IdxFormatError, match="label 12 found, expected 0..9"):
+        preprocess.fn(small_params, raw_dir, tmp_path / "out")
+
+
+def test_label_count_must_match_image_count(raw_dir: Path, tmp_path: Path,
+                                            small_params: Params) -> None:
+    write_gz(raw_dir / RAW_NAMES["test"][1], idx_bytes(torch.zeros(39)))
+    with pytest.raises(IdxFormatError, match="39 labels for 40 images"):
+        preprocess.fn(small_params, raw_dir, tmp_path / "out")
+
+
+def test_missing_raw_file_says_which_stage_to_run(tmp_path: Path, small_params: Params) -> None:
+    with pytest.raises(IdxFormatError, match="missing; run the download stage first"):
+        preprocess.fn(small_params, tmp_path, tmp_path / "out")
+
+
+def test_processed_file_with_wrong_dtype_is_refused(processed_dir: Path) -> None:
+    images, labels = load_split(processed_dir, "test")
+    torch.save({"images": images.float(), "labels": labels}, processed_dir / "test.pt")
+    with pytest.raises(SplitFormatError, match=r"images must be uint8 \[N,28,28\], got torch.float32"):
+        load_split(processed_dir, "test")
+
+
+def test_custom_dataset_items_and_batches_agree(processed_dir: Path) -> None:
+    images, labels = load_split(processed_dir, "test")
+    dataset = FashionMNISTTensors(images, labels, mean=0.3, std=0.4)
+    assert len(dataset) == 40
+    x, y = dataset[3]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and int(y) == int(labels[3])
+    assert torch.allclose(x, (images[3].float() / 255 - 0.3) / 0.4)
+    xb, yb = dataset.__getitems__([3, 5])
+    assert torch.equal(xb[0], x) and yb.tolist() == [labels[3].item(), labels[5].item()]
+    batches = list(make_loader(dataset, batch_size=16, shuffle=False))
+    assert [len(b[1]) for b in batches] == [16, 16, 8]
+    assert torch.equal(torch.cat([b[1] for b in batches]), labels)
