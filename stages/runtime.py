@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
@@ -58,7 +60,12 @@ def run_cli(stage_task: Any, description: str | None, argv: list[str] | None = N
     try:
         params = load_params(args.params)
         run: Callable[[Params], Any] = stage_task if prefect_api_url() else stage_task.fn
-        log.info("%s: starting (as a Prefect task run: %s)", name, run is stage_task)
+        log.info(
+            "%s: starting %.2f s after process start (as a Prefect task run: %s)",
+            name,
+            time.time() - psutil.Process().create_time(),
+            run is stage_task,
+        )
         run(params)
     except StageError as exc:
         print(f"error: {name}: {exc}", file=sys.stderr)

@@ -17,6 +17,7 @@ import torch
 from dvclive import Live
 from prefect import task
 from prefect.cache_policies import NONE
+from scmrepo.exceptions import SCMError
 from torch import nn
 from tqdm import tqdm
 
@@ -61,6 +62,13 @@ def train_loop(dataloader, model: nn.Module, loss_fn: nn.Module, optimizer) -> f
     return loss_sum.item() / count
 
 
+def open_live(live_dir: Path) -> Live:
+    try:
+        return Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=False)
+    except SCMError as exc:  # dvclive reads the git revision and fails in a repo with no commit
+        raise StageError(f"dvclive needs a git repository with a commit here: {exc}") from None
+
+
 @task(name="train", cache_policy=NONE, persist_result=False)
 def train(
     params: Params,
@@ -95,7 +103,7 @@ def train(
     )
 
     history: dict[str, float] = {}
-    with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=False) as live:
+    with open_live(live_dir) as live:
         epochs = tqdm(range(1, p.epochs + 1), desc="train", unit="epoch")
         for epoch in epochs:
             train_loss = train_loop(train_loader, model, loss_fn, optimizer)

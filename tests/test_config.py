@@ -24,7 +24,10 @@ def test_missing_sections_take_defaults() -> None:
         ({"trian": {}}, "trian = {}: unknown key"),
         ({"train": {"epochs": "ten"}}, "train.epochs = 'ten': Input should be a valid integer"),
         ({"train": {"epochs": 0}}, "train.epochs = 0: Input should be greater than 0"),
-        ({"train": {"learning_rate": 0}}, "train.learning_rate = 0: Input should be greater than 0"),
+        (
+            {"train": {"learning_rate": 0}},
+            "train.learning_rate = 0: Input should be greater than 0",
+        ),
         ({"train": {"learning_rate": -1.0}}, "train.learning_rate = -1.0"),
         ({"train": {"batch_size": 0}}, "train.batch_size = 0"),
         ({"train": {"hidden_sizes": []}}, "train.hidden_sizes = []"),

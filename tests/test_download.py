@@ -56,8 +56,9 @@ def test_copies_and_verifies_from_a_folder(
     assert (raw / files[0][0]).read_bytes() == (folder / files[0][0]).read_bytes()
 
 
-def test_downloads_over_http(tmp_path: Path, synthetic_mirror: Mirror, http_mirror: str,
-                             small_params: Params) -> None:
+def test_downloads_over_http(
+    tmp_path: Path, synthetic_mirror: Mirror, http_mirror: str, small_params: Params
+) -> None:
     raw = tmp_path / "raw"
     download.fn(small_params, raw, synthetic_mirror[1], [http_mirror])
     assert len(list(raw.iterdir())) == 4
@@ -70,7 +71,9 @@ def test_checksum_mismatch_names_the_file_and_leaves_nothing(
     corrupted = folder / files[1][0]
     corrupted.write_bytes(corrupted.read_bytes()[:-3])
     raw = tmp_path / "raw"
-    with pytest.raises(DownloadError, match=f"{files[1][0]}: no source gave a verified copy") as info:
+    with pytest.raises(
+        DownloadError, match=f"{files[1][0]}: no source gave a verified copy"
+    ) as info:
         download.fn(small_params, raw, files, [str(folder)])
     assert f"expected {files[1][1]}" in str(info.value)
     assert not raw.exists()

@@ -45,8 +45,9 @@ def test_per_class_scores_from_a_known_confusion_matrix() -> None:
     assert table.loc[5, "support"] == 0
 
 
-def test_weights_of_another_shape_are_refused(tmp_path: Path, trained: dict[str, Path],
-                                              small_params: Params) -> None:
+def test_weights_of_another_shape_are_refused(
+    tmp_path: Path, trained: dict[str, Path], small_params: Params
+) -> None:
     other = small_params.model_copy(
         update={"train": small_params.train.model_copy(update={"hidden_sizes": [64]})}
     )

@@ -16,8 +16,9 @@ def test_export_writes_loadable_weights_and_a_card(
     eval_dir = tmp_path / "reports" / "evaluate"
     evaluate.fn(small_params, **trained, out_dir=eval_dir)
     out = tmp_path / "models"
-    export.fn(small_params, trained["weights_path"], trained["processed_dir"], raw_dir,
-              eval_dir, out)
+    export.fn(
+        small_params, trained["weights_path"], trained["processed_dir"], raw_dir, eval_dir, out
+    )
 
     model = NeuralNetwork()
     state = torch.load(out / "model_weights.pth", weights_only=True)

@@ -21,8 +21,9 @@ def test_splits_are_tensors_of_the_right_shape(processed_dir: Path) -> None:
     assert sizes == {"train": 90, "val": 30, "test": 40}  # val_fraction 0.25 of 120
 
 
-def test_validation_split_is_seeded_and_disjoint(raw_dir: Path, tmp_path: Path,
-                                                 small_params: Params) -> None:
+def test_validation_split_is_seeded_and_disjoint(
+    raw_dir: Path, tmp_path: Path, small_params: Params
+) -> None:
     def val_images(seed: int) -> torch.Tensor:
         out = tmp_path / f"seed{seed}"
         preprocess.fn(small_params.model_copy(update={"seed": seed}), raw_dir, out)
@@ -83,15 +84,17 @@ def test_wrong_image_size_is_refused(raw_dir: Path, tmp_path: Path, small_params
     assert not (tmp_path / "out").exists()
 
 
-def test_labels_out_of_range_are_refused(raw_dir: Path, tmp_path: Path,
-                                         small_params: Params) -> None:
+def test_labels_out_of_range_are_refused(
+    raw_dir: Path, tmp_path: Path, small_params: Params
+) -> None:
     write_gz(raw_dir / RAW_NAMES["test"][1], idx_bytes(torch.full((40,), 12)))
     with pytest.raises(IdxFormatError, match="label 12 found, expected 0..9"):
         preprocess.fn(small_params, raw_dir, tmp_path / "out")
 
 
-def test_label_count_must_match_image_count(raw_dir: Path, tmp_path: Path,
-                                            small_params: Params) -> None:
+def test_label_count_must_match_image_count(
+    raw_dir: Path, tmp_path: Path, small_params: Params
+) -> None:
     write_gz(raw_dir / RAW_NAMES["test"][1], idx_bytes(torch.zeros(39)))
     with pytest.raises(IdxFormatError, match="39 labels for 40 images"):
         preprocess.fn(small_params, raw_dir, tmp_path / "out")
@@ -105,7 +108,9 @@ def test_missing_raw_file_says_which_stage_to_run(tmp_path: Path, small_params: 
 def test_processed_file_with_wrong_dtype_is_refused(processed_dir: Path) -> None:
     images, labels = load_split(processed_dir, "test")
     torch.save({"images": images.float(), "labels": labels}, processed_dir / "test.pt")
-    with pytest.raises(SplitFormatError, match=r"images must be uint8 \[N,28,28\], got torch.float32"):
+    with pytest.raises(
+        SplitFormatError, match=r"images must be uint8 \[N,28,28\], got torch.float32"
+    ):
         load_split(processed_dir, "test")
 
 

@@ -34,12 +34,15 @@ def test_curves_are_logged_per_epoch(trained: dict[str, Path]) -> None:
 
 
 def test_training_learns_the_synthetic_task(trained: dict[str, Path]) -> None:
-    accuracy = float((trained["live_dir"] / "plots/metrics/val/accuracy.tsv").read_text().split()[-1])
+    accuracy = float(
+        (trained["live_dir"] / "plots/metrics/val/accuracy.tsv").read_text().split()[-1]
+    )
     assert accuracy > 0.5  # chance is 0.1
 
 
-def test_same_seed_same_weights(tmp_path: Path, processed_dir: Path, small_params: Params,
-                                trained: dict[str, Path]) -> None:
+def test_same_seed_same_weights(
+    tmp_path: Path, processed_dir: Path, small_params: Params, trained: dict[str, Path]
+) -> None:
     again = tmp_path / "again.pth"
     train.fn(small_params, processed_dir, again, tmp_path / "live2")
     first, second = load_torch(trained["weights_path"]), load_torch(again)
@@ -58,19 +61,29 @@ def test_optimizers_and_hidden_sizes_come_from_params(
     NeuralNetwork([32]).load_state_dict(load_torch(out), strict=True)
 
 
-def test_batch_larger_than_the_split_is_refused(tmp_path: Path, processed_dir: Path,
-                                                small_params: Params) -> None:
+def test_batch_larger_than_the_split_is_refused(
+    tmp_path: Path, processed_dir: Path, small_params: Params
+) -> None:
     p = small_params.train.model_copy(update={"batch_size": 1000})
     with pytest.raises(StageError, match="train.batch_size = 1000: larger than the train split"):
-        train.fn(small_params.model_copy(update={"train": p}), processed_dir, tmp_path / "w.pth",
-                 tmp_path / "live")
+        train.fn(
+            small_params.model_copy(update={"train": p}),
+            processed_dir,
+            tmp_path / "w.pth",
+            tmp_path / "live",
+        )
     assert not (tmp_path / "w.pth").exists()
 
 
-def test_divergence_names_epoch_and_learning_rate(tmp_path: Path, processed_dir: Path,
-                                                  small_params: Params) -> None:
+def test_divergence_names_epoch_and_learning_rate(
+    tmp_path: Path, processed_dir: Path, small_params: Params
+) -> None:
     p = small_params.train.model_copy(update={"optimizer": "sgd", "learning_rate": 1e30})
     with pytest.raises(StageError, match=r"loss nan in epoch 1 with train.learning_rate = 1e\+30"):
-        train.fn(small_params.model_copy(update={"train": p}), processed_dir, tmp_path / "w.pth",
-                 tmp_path / "live")
+        train.fn(
+            small_params.model_copy(update={"train": p}),
+            processed_dir,
+            tmp_path / "w.pth",
+            tmp_path / "live",
+        )
     assert not (tmp_path / "w.pth").exists()

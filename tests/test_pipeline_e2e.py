@@ -1,0 +1,173 @@
+"""End to end: the real `dvc repro` on the real FashionMNIST files, in a copy of the repo."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages.model import NeuralNetwork
+
+from .conftest import REPO, copy_repo, edit_params, free_port, run, tool_env
+
+pytestmark = pytest.mark.e2e
+
+OUTS = [
+    "data/raw/train-images-idx3-ubyte.gz",
+    "data/processed/train.pt",
+    "data/processed/val.pt",
+    "data/processed/test.pt",
+    "data/processed/stats.json",
+    "models/train/model_weights.pth",
+    "reports/train/metrics.json",
+    "reports/train/plots/metrics/val/accuracy.tsv",
+    "reports/evaluate/metrics.json",
+    "reports/evaluate/per_class.csv",
+    "reports/evaluate/confusion.csv",
+    "reports/evaluate/confusion_matrix.png",
+    "reports/evaluate/training_curves.png",
+    "models/model_weights.pth",
+    "models/model.safetensors",
+    "models/model_card.json",
+    "models/model_card.md",
+]
+SMALL = {"train": {"epochs": 1, "batch_size": 128}}
+
+
+def dvc(repo: Path, *args: str, check: bool = True, **env: str):
+    return run(["dvc", *args], repo, tool_env(**env), check=check)
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory, real_mirror: Path) -> tuple[Path, str]:
+    """A repo copy with small params after one full `dvc repro`."""
+    repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
+    edit_params(repo, **SMALL)
+    result = dvc(repo, "repro", FMNIST_MIRROR=str(real_mirror))
+    return repo, result.stdout + result.stderr
+
+
+@pytest.fixture
+def pipeline_copy(pipeline: tuple[Path, str], tmp_path: Path) -> Path:
+    """A private copy of the reproduced pipeline (DVC cache included) for tests that change it."""
+    dest = tmp_path / "repo"
+    shutil.copytree(pipeline[0], dest, symlinks=True, ignore=shutil.ignore_patterns("tmp"))
+    return dest
+
+
+def test_repro_runs_every_stage_and_produces_every_out(pipeline: tuple[Path, str]) -> None:
+    repo, output = pipeline
+    assert stages_run(output) == ["download", "preprocess", "train", "evaluate", "export"]
+    missing = [out for out in OUTS if not (repo / out).is_file()]
+    assert missing == []
+
+
+def test_accuracy_is_above_075_and_shown_by_dvc_metrics(pipeline: tuple[Path, str]) -> None:
+    repo, _ = pipeline
+    shown = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
+    metrics = shown[""]["data"]["reports/evaluate/metrics.json"]["data"]
+    assert metrics["accuracy"] > 0.75
+    assert metrics["loss"] > 0
+
+
+def test_exported_weights_load_strictly_into_the_seed_class(pipeline: tuple[Path, str]) -> None:
+    state = torch.load(pipeline[0] / "models/model_weights.pth", weights_only=True)
+    NeuralNetwork().load_state_dict(state, strict=True)
+
+
+def test_second_repro_runs_no_stage(pipeline_copy: Path) -> None:
+    result = dvc(pipeline_copy, "repro")
+    assert stages_run(result.stdout) == []
+    assert "Data and pipelines are up to date" in result.stdout
+
+
+def test_learning_rate_change_reruns_train_evaluate_export(pipeline_copy: Path) -> None:
+    edit_params(pipeline_copy, train={"learning_rate": 0.002})
+    status = dvc(pipeline_copy, "status").stdout
+    assert re.search(r"^train:\n(\s+.*\n)*?\s+modified:\s+train$", status, re.M), status
+    assert not re.search(r"^(download|preprocess):", status, re.M), status
+    result = dvc(pipeline_copy, "repro")
+    assert stages_run(result.stdout) == ["train", "evaluate", "export"]
+
+
+def test_misspelt_key_fails_naming_it(pipeline_copy: Path) -> None:
+    lock = (pipeline_copy / "dvc.lock").read_bytes()
+    exported = (pipeline_copy / "models/model_weights.pth").read_bytes()
+    edit_params(pipeline_copy, train={"lerning_rate": 0.01})
+    result = dvc(pipeline_copy, "repro", check=False)
+    assert result.returncode != 0
+    assert "train.lerning_rate = 0.01: unknown key" in result.stderr
+    assert stages_run(result.stdout) == ["train"]
+    assert (pipeline_copy / "dvc.lock").read_bytes() == lock
+    assert (pipeline_copy / "models/model_weights.pth").read_bytes() == exported
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            {"train": {"learning_rate": -1}},
+            "train.learning_rate = -1: Input should be greater than 0",
+        ),
+        pytest.param(
+            {"device": "cuda"},
+            "device = 'cuda': CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+    ],
+)
+def test_bad_param_stops_the_stage_and_writes_nothing(
+    pipeline_copy: Path, edit: dict, message: str
+) -> None:
+    lock = (pipeline_copy / "dvc.lock").read_bytes()
+    edit_params(pipeline_copy, **edit)
+    result = dvc(pipeline_copy, "repro", check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert (pipeline_copy / "dvc.lock").read_bytes() == lock
+    assert not (pipeline_copy / "models/train/model_weights.pth").exists()  # no half-written out
+    assert list((pipeline_copy / "models/train").glob(".*.tmp")) == []
+
+
+def corrupted_mirror(real_mirror: Path, tmp_path: Path) -> str:
+    mirror = tmp_path / "corrupted"
+    shutil.copytree(real_mirror, mirror)
+    labels = mirror / "t10k-labels-idx1-ubyte.gz"
+    data = bytearray(labels.read_bytes())
+    data[100] ^= 0xFF
+    labels.write_bytes(bytes(data))
+    return str(mirror)
+
+
+@pytest.mark.parametrize(
+    ("mirror", "message"),
+    [
+        (corrupted_mirror, "t10k-labels-idx1-ubyte.gz from {mirror}: md5 "),
+        (lambda real, tmp: str(tmp / "absent"), "not a folder or an http(s) URL"),
+        (lambda real, tmp: f"http://127.0.0.1:{free_port()}", "unreachable after 2 attempts"),
+    ],
+    ids=["corrupted-file", "missing-mirror", "unreachable-mirror"],
+)
+def test_bad_mirror_fails_download_and_leaves_no_raw_data(
+    tmp_path: Path, real_mirror: Path, mirror, message: str
+) -> None:
+    repo = copy_repo(tmp_path / "repo")
+    edit_params(repo, download={"retries": 2, "backoff_s": 0.0})
+    source = mirror(real_mirror, tmp_path)
+    result = dvc(repo, "repro", "download", check=False, FMNIST_MIRROR=source)
+    assert result.returncode != 0
+    assert message.format(mirror=source) in result.stderr
+    assert not (repo / "data/raw").exists()
+
+
+def test_stage_help_starts_with_its_command() -> None:
+    result = run(["python", "-m", "stages.train", "--help"], REPO, tool_env())
+    assert "python -m stages.train" in result.stdout and "--params" in result.stdout
