@@ -73,8 +73,10 @@ def write_json(obj: Any, dest: Path) -> None:
 
 
 def save_torch(obj: Any, dest: Path) -> None:
-    with atomic_path(dest) as tmp:
-        torch.save(obj, tmp)
+    # Through a file object: given a path, torch names the archive's records after the file, and
+    # the random temporary name would make identical weights hash differently.
+    with atomic_path(dest) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
 
 
 def load_torch(path: Path) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -38,22 +38,19 @@ STAGES_SOURCE = Path(__file__).resolve().parent
 CARD_PARAMS = {"seed", "device", "preprocess", "train", "export"}
 
 
-def code_version() -> dict[str, str | None]:
-    """The git commit when there is one, and a hash of the stage code that ran."""
+def code_version() -> dict[str, str]:
+    """The package version and a hash of the stage code that ran.
+
+    Not the git commit: the card is a DVC out, and a commit recorded in it would change the
+    card's hash with every commit, so a rerun on the same code would never match dvc.lock.
+    """
     digest = hashlib.sha256()
     for path in sorted(STAGES_SOURCE.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=STAGES_SOURCE,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {"git_commit": commit, "stages_sha256": digest.hexdigest()}
+    return {
+        "package_version": version("fashion-mnist-pipeline"),
+        "stages_sha256": digest.hexdigest(),
+    }
 
 
 def data_checksums(raw_dir: Path) -> dict[str, dict[str, str]]:
@@ -95,7 +92,8 @@ model.eval()
 |---|---|
 {rows}
 
-Code: git commit `{card["code"]["git_commit"]}`, stages sha256 `{card["code"]["stages_sha256"]}`.
+Code: fashion-mnist-pipeline {card["code"]["package_version"]}, stages sha256
+`{card["code"]["stages_sha256"]}`.
 torch {card["torch_version"]}. Full params: `model_card.json`.
 """
 

@@ -17,7 +17,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NONE
 
-from stages.artifacts import atomic_dir, write_json
+from stages.artifacts import atomic_dir, save_torch, write_json
 from stages.config import PROCESSED_DIR, RAW_DIR, Params
 from stages.dataset import split_path
 from stages.errors import StageError
@@ -122,7 +122,7 @@ def preprocess(
         source = "params.yaml"
     with atomic_dir(Path(processed_dir)) as staging:
         for split, (images, labels) in {"train": train, "val": val, "test": test}.items():
-            torch.save(
+            save_torch(
                 {"images": images.clone(), "labels": labels.clone()}, split_path(staging, split)
             )
             log.info("%s: %d images", split, labels.shape[0])

@@ -1,0 +1,38 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages.artifacts import atomic_dir, atomic_path, save_torch, write_json
+
+
+def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    dest = tmp_path / "out.json"
+    write_json({"v": 1}, dest)
+    with pytest.raises(RuntimeError), atomic_path(dest) as tmp:
+        tmp.write_text('{"v": 2, "half')
+        raise RuntimeError("killed half-way")
+    assert dest.read_text() == '{\n  "v": 1\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_failed_folder_write_keeps_the_old_folder(tmp_path: Path) -> None:
+    dest = tmp_path / "raw"
+    with atomic_dir(dest) as staging:
+        (staging / "a").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(dest) as staging:
+        (staging / "a").write_text("new")
+        raise RuntimeError("failed")
+    assert (dest / "a").read_text() == "old"
+    with atomic_dir(dest) as staging:
+        (staging / "b").write_text("new")
+    assert sorted(p.name for p in dest.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_same_tensors_give_the_same_bytes(tmp_path: Path) -> None:
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    save_torch(state, tmp_path / "a.pth")
+    save_torch(state, tmp_path / "b" / "other-name.pth")
+    assert (tmp_path / "a.pth").read_bytes() == (tmp_path / "b" / "other-name.pth").read_bytes()
+    assert torch.equal(torch.load(tmp_path / "a.pth", weights_only=True)["w"], state["w"])
