@@ -25,12 +25,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import psutil
 from dvc.exceptions import DvcException
 from dvc.lock import LockError
 from dvc.repo import Repo, lock_repo
@@ -38,6 +39,7 @@ from dvc.stage import Stage
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
+from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
 from stages.config import EVAL_DIR, PARAMS_FILE, Params, load_params
@@ -71,12 +73,18 @@ def cached_stage(reason: str) -> State:
     return Completed(name="Cached", message=reason)
 
 
-def stage_task(stage: Stage) -> Any | None:
-    """The Prefect task behind a `python -m stages.<name>` command, or None for other commands."""
+def stage_task(stage: Stage, params: Params) -> Any | None:
+    """The Prefect task behind a `python -m stages.<name>` command, or None for other commands.
+
+    A stage module may define `prefect_options(params)`: task options (retries) from params.
+    """
     match = STAGE_COMMAND.match(str(stage.cmd).strip())
     if not match:
         return None
-    return getattr(importlib.import_module(match.group(1)), match.group(2))
+    module = importlib.import_module(match.group(1))
+    stage_fn = getattr(module, match.group(2))
+    options = getattr(module, "prefect_options", None)
+    return stage_fn.with_options(**options(params)) if options else stage_fn
 
 
 @contextmanager
@@ -92,7 +100,7 @@ def in_process_commands(params: Params, log: RunLog) -> Iterator[None]:
     subprocess_run = dvc_run.cmd_run
 
     def cmd_run(stage: Stage, dry: bool = False, run_env: dict | None = None) -> None:
-        stage_fn = stage_task(stage)
+        stage_fn = stage_task(stage, params)
         if stage_fn is None or dry:
             subprocess_run(stage, dry=dry, run_env=run_env)
             return
@@ -146,8 +154,48 @@ def make_repro_fn(log: RunLog) -> Callable[..., Stage | None]:
     return repro_fn
 
 
-def open_repo(wait_for_lock: bool) -> Repo:
-    return Repo(_wait_for_lock=wait_for_lock)
+def stage_runs_in_progress(repo: Repo) -> list[str]:
+    """Other processes that DVC records as running a stage right now.
+
+    `dvc repro` lets go of the repo lock while a stage's command runs and keeps only per-path
+    locks (.dvc/tmp/rwlock), so the repo lock alone does not show it is busy. It edits that file
+    only while it holds the repo lock, so the file is stable while we hold it.
+    """
+    try:
+        table = json.loads((Path(repo.tmp_dir) / "rwlock").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    holders = [*table.get("write", {}).values()]
+    holders += [info for infos in table.get("read", {}).values() for info in infos]
+    return sorted(
+        {f"PID {h['pid']}: {h['cmd']}" for h in holders
+         if h["pid"] != os.getpid() and psutil.pid_exists(h["pid"])}
+    )  # fmt: skip
+
+
+@contextmanager
+def hold_pipeline(repo: Repo, wait: bool) -> Iterator[None]:
+    """Holds DVC's repo lock, once no other runner is mid-stage, until the block ends."""
+    root = repo.root_dir
+    while True:
+        with ExitStack() as held:
+            try:
+                held.enter_context(lock_repo(repo))  # DVC's own retries: 3 s, or for ever
+            except LockError:
+                raise PipelineBusyError(
+                    f"pipeline busy: another `dvc repro` or flow run holds {root}/.dvc/tmp/lock; "
+                    "try again when it ends, or pass --wait-for-lock (wait_for_lock=True)"
+                ) from None
+            running = stage_runs_in_progress(repo)
+            if not running:
+                yield
+                return
+        if not wait:
+            raise PipelineBusyError(
+                f"pipeline busy: {'; '.join(running)}; try again when it ends, "
+                "or pass --wait-for-lock (wait_for_lock=True)"
+            )
+        time.sleep(1)
 
 
 def code_and_params_tags(root: Path) -> list[str]:
@@ -167,7 +215,6 @@ def code_and_params_tags(root: Path) -> list[str]:
 
 def tag_this_flow_run(tags: list[str]) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.runtime import flow_run
 
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(flow_run.id)
@@ -212,20 +259,16 @@ def pipeline(
     wait_for_lock: wait for a concurrent `dvc repro` or flow run instead of failing at once.
     """
     logger = get_run_logger()
-    repo = open_repo(wait_for_lock)
+    logger.info("flow run %s: %s", flow_run.id, flow_run.ui_url)
+    repo = Repo(_wait_for_lock=wait_for_lock)
     root = Path(repo.root_dir)
     params = load_params(root / PARAMS_FILE)
     tag_this_flow_run(code_and_params_tags(root))
     device = str(resolve_device(params.device))
     log = RunLog()
     try:
-        with lock_repo(repo), in_process_commands(params, log):
+        with hold_pipeline(repo, wait_for_lock), in_process_commands(params, log):
             repo.reproduce(targets=targets or None, force=force, repro_fn=make_repro_fn(log))
-    except LockError:
-        raise PipelineBusyError(
-            f"pipeline busy: another `dvc repro` or flow run holds {root}/.dvc/tmp/lock; "
-            "try again when it ends, or pass wait_for_lock=True (--wait-for-lock)"
-        ) from None
     finally:
         repo.close()
     publish_artifacts(root, log, device)

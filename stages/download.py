@@ -131,6 +131,14 @@ def download(
     return checksums
 
 
+def prefect_options(params: Params) -> dict[str, float]:
+    """Task options for the Prefect flow: it retries the whole task as well, visibly in the UI."""
+    return {
+        "retries": params.download.retries - 1,
+        "retry_delay_seconds": params.download.backoff_s,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_cli(download, __doc__, argv)
 

@@ -12,15 +12,15 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
+from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
 
-from stages.config import PARAMS_FILE, Params, load_params
+from stages.config import PARAMS_FILE, load_params
 from stages.errors import StageError
 
 
@@ -59,14 +59,19 @@ def run_cli(stage_task: Any, description: str | None, argv: list[str] | None = N
     log = stage_logger(name)
     try:
         params = load_params(args.params)
-        run: Callable[[Params], Any] = stage_task if prefect_api_url() else stage_task.fn
+        as_task_run = prefect_api_url() is not None
         log.info(
             "%s: starting %.2f s after process start (as a Prefect task run: %s)",
             name,
             time.time() - psutil.Process().create_time(),
-            run is stage_task,
+            as_task_run,
         )
-        run(params)
+        if not as_task_run:
+            stage_task.fn(params)
+            return 0
+        # A task run outside any flow run has nowhere to send its logs: keep them on the console.
+        with temporary_settings({PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}):
+            stage_task(params)
     except StageError as exc:
         print(f"error: {name}: {exc}", file=sys.stderr)
         return 1

@@ -5,12 +5,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import shutil
 import struct
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -158,7 +160,9 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
-    env = tool_env(PREFECT_HOME=str(home), PREFECT_SERVER_UI_ENABLED="false")
+    url = f"http://127.0.0.1:{port}/api"
+    # The UI's browser code calls the API at PREFECT_UI_API_URL, which defaults to port 4200.
+    env = tool_env(PREFECT_HOME=str(home), PREFECT_UI_API_URL=url)
     log = open(home / "server.log", "w")  # noqa: SIM115 - closed at teardown
     server = subprocess.Popen(
         [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -167,7 +171,6 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + 120
     try:
         while True:
@@ -223,3 +226,47 @@ def edit_params(repo: Path, **sections: dict) -> None:
         else:
             params[key] = values
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def prefect_api(url: str, path: str, body: dict | None = None) -> Any:
+    """GET (or POST `body` as JSON) to the Prefect server's REST API; returns the decoded JSON."""
+    import json
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"{url}{path}",
+        data=data,
+        method="GET" if body is None else "POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+SMALL = {"train": {"epochs": 1, "batch_size": 128}}
+
+
+def dvc(repo: Path, *args: str, check: bool = True, **env: str):
+    return run(["dvc", *args], repo, tool_env(**env), check=check)
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory: pytest.TempPathFactory, real_mirror: Path) -> tuple[Path, str]:
+    """A repo copy with small params after one full `dvc repro`."""
+    repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
+    edit_params(repo, **SMALL)
+    result = dvc(repo, "repro", FMNIST_MIRROR=str(real_mirror))
+    return repo, result.stdout + result.stderr
+
+
+@pytest.fixture
+def pipeline_copy(pipeline: tuple[Path, str], tmp_path: Path) -> Path:
+    """A private copy of the reproduced pipeline (DVC cache included) for tests that change it."""
+    dest = tmp_path / "repo"
+    shutil.copytree(pipeline[0], dest, symlinks=True, ignore=shutil.ignore_patterns("tmp"))
+    return dest

@@ -12,7 +12,7 @@ import torch
 
 from stages.model import NeuralNetwork
 
-from .conftest import REPO, copy_repo, edit_params, free_port, run, tool_env
+from .conftest import REPO, copy_repo, dvc, edit_params, free_port, run, stages_run, tool_env
 
 pytestmark = pytest.mark.e2e
 
@@ -35,32 +35,6 @@ OUTS = [
     "models/model_card.json",
     "models/model_card.md",
 ]
-SMALL = {"train": {"epochs": 1, "batch_size": 128}}
-
-
-def dvc(repo: Path, *args: str, check: bool = True, **env: str):
-    return run(["dvc", *args], repo, tool_env(**env), check=check)
-
-
-def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", output)
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory, real_mirror: Path) -> tuple[Path, str]:
-    """A repo copy with small params after one full `dvc repro`."""
-    repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
-    edit_params(repo, **SMALL)
-    result = dvc(repo, "repro", FMNIST_MIRROR=str(real_mirror))
-    return repo, result.stdout + result.stderr
-
-
-@pytest.fixture
-def pipeline_copy(pipeline: tuple[Path, str], tmp_path: Path) -> Path:
-    """A private copy of the reproduced pipeline (DVC cache included) for tests that change it."""
-    dest = tmp_path / "repo"
-    shutil.copytree(pipeline[0], dest, symlinks=True, ignore=shutil.ignore_patterns("tmp"))
-    return dest
 
 
 def test_repro_runs_every_stage_and_produces_every_out(pipeline: tuple[Path, str]) -> None:

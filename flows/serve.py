@@ -1,0 +1,79 @@
+"""python -m flows.serve [--cron "0 3 * * *"] [--timezone UTC]
+
+Registers the deployment `fashion-mnist-pipeline/scheduled` on a running Prefect server and serves
+it: runs come from the cron schedule, or from "Run" in the Prefect UI, and execute here, in this
+repository, one at a time. Stop with Ctrl-C.
+
+Schedules need a real server (Prefect's temporary one exits with this process), so this refuses
+to start without a reachable PREFECT_API_URL:
+
+    prefect server start --host 127.0.0.1          # in another terminal; UI on http://127.0.0.1:4200
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    python -m flows.serve
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+DEFAULT_CRON = "0 3 * * *"  # every day at 03:00
+DEPLOYMENT_NAME = "scheduled"
+
+
+def reachable_api_url() -> str:
+    """The configured Prefect API URL, if a server answers its health check; else SystemExit."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    how = (
+        "start one with `prefect server start --host 127.0.0.1` and set "
+        "PREFECT_API_URL=http://127.0.0.1:4200/api"
+    )
+    if not url:
+        raise SystemExit(f"error: no Prefect server configured (PREFECT_API_URL is unset); {how}")
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as response:
+            if response.status == 200:
+                return url
+    except OSError as exc:
+        raise SystemExit(f"error: no Prefect server answers at {url} ({exc}); {how}") from None
+    raise SystemExit(f"error: the Prefect server at {url} is not healthy; {how}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--cron", default=DEFAULT_CRON, help='cron schedule (default: "%(default)s", daily 03:00)'
+    )
+    parser.add_argument("--timezone", default="UTC", help="timezone of the schedule (default: UTC)")
+    args = parser.parse_args(argv)
+    url = reachable_api_url()
+
+    from dvc.repo import Repo
+    from prefect.schedules import Cron
+
+    from flows.pipeline import FLOW_NAME, pipeline
+
+    # Runs execute in this process's folder: make that the repository root.
+    os.chdir(Repo.find_root())
+    print(f"serving {FLOW_NAME}/{DEPLOYMENT_NAME} from {Path.cwd()} against {url}", flush=True)
+    pipeline.serve(
+        name=DEPLOYMENT_NAME,
+        schedules=[Cron(args.cron, timezone=args.timezone)],
+        description="The FashionMNIST DVC pipeline, run stage by stage as Prefect tasks",
+        tags=["fashion-mnist"],
+        limit=1,  # one run at a time; DVC's lock would refuse a second anyway
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
