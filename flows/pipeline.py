@@ -43,7 +43,6 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
 from stages.config import EVAL_DIR, PARAMS_FILE, Params, load_params
-from stages.device import resolve_device
 from stages.errors import StageError
 
 FLOW_NAME = "fashion-mnist-pipeline"
@@ -65,6 +64,7 @@ class StageRecord:
 class RunLog:
     stages: dict[str, StageRecord] = field(default_factory=dict)
     ran_in_process: set[str] = field(default_factory=set)
+    device: str = "none: no stage ran"
 
 
 @task(cache_policy=NONE, persist_result=False)
@@ -104,6 +104,10 @@ def in_process_commands(params: Params, log: RunLog) -> Iterator[None]:
         if stage_fn is None or dry:
             subprocess_run(stage, dry=dry, run_env=run_env)
             return
+        if not log.ran_in_process:  # torch is imported only once a stage has work to do
+            from stages.device import resolve_device
+
+            log.device = str(resolve_device(params.device))
         previous_cwd, previous_root = Path.cwd(), os.environ.get("DVC_ROOT")
         os.chdir(stage.wdir)
         os.environ["DVC_ROOT"] = stage.repo.root_dir  # as DVC sets it for a command
@@ -221,7 +225,7 @@ def tag_this_flow_run(tags: list[str]) -> None:
         client.update_flow_run(run.id, tags=sorted({*run.tags, *tags}))
 
 
-def publish_artifacts(root: Path, log: RunLog, device: str) -> None:
+def publish_artifacts(root: Path, log: RunLog) -> None:
     metrics_path = root / EVAL_DIR / "metrics.json"
     per_class_path = root / EVAL_DIR / "per_class.csv"
     if metrics_path.is_file() and per_class_path.is_file():
@@ -242,7 +246,7 @@ def publish_artifacts(root: Path, log: RunLog, device: str) -> None:
     )
     create_markdown_artifact(
         key="pipeline-summary",
-        markdown=f"# FashionMNIST pipeline\n\nDevice: `{device}`\n\n"
+        markdown=f"# FashionMNIST pipeline\n\nDevice: `{log.device}`\n\n"
         f"| stage | status | wall time | note |\n|---|---|---|---|\n{rows}\n",
         description="What this run did",
     )
@@ -259,19 +263,18 @@ def pipeline(
     wait_for_lock: wait for a concurrent `dvc repro` or flow run instead of failing at once.
     """
     logger = get_run_logger()
-    logger.info("flow run %s: %s", flow_run.id, flow_run.ui_url)
+    logger.info("flow run id %s", flow_run.id)
     repo = Repo(_wait_for_lock=wait_for_lock)
     root = Path(repo.root_dir)
     params = load_params(root / PARAMS_FILE)
     tag_this_flow_run(code_and_params_tags(root))
-    device = str(resolve_device(params.device))
     log = RunLog()
     try:
         with hold_pipeline(repo, wait_for_lock), in_process_commands(params, log):
             repo.reproduce(targets=targets or None, force=force, repro_fn=make_repro_fn(log))
     finally:
         repo.close()
-    publish_artifacts(root, log, device)
+    publish_artifacts(root, log)
     summary = {name: record.status for name, record in log.stages.items()}
     logger.info("stages: %s", ", ".join(f"{k} {v}" for k, v in summary.items()))
     return summary

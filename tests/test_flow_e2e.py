@@ -36,7 +36,7 @@ def run_flow(repo: Path, api: str, *args: str, check: bool = True, **env: str):
 
 
 def flow_run_id(output: str) -> str | None:
-    match = re.search(r"flow run ([0-9a-f-]{36})", output)
+    match = re.search(r"flow run id ([0-9a-f-]{36})", output)
     return match.group(1) if match else None
 
 
