@@ -68,6 +68,9 @@ class TrainParams(Section):
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     weight_decay: NonNegativeFloat = 0.0
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    scheduler: Literal["none", "cosine", "onecycle"] = "none"
+    shift_pixels: Annotated[int, Field(ge=0, le=8)] = 0  # augmentation: random shifts
+    hflip: bool = False  # augmentation: random left-right flips
     hidden_sizes: Annotated[list[PositiveInt], Field(min_length=1)] = [512, 512]
     num_threads: Annotated[int, Field(ge=0)] = 0  # 0: one per physical core
 

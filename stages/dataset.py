@@ -7,10 +7,13 @@ evaluate load it with `load_split`, move it to the device once, and batch it by 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from stages.artifacts import load_torch
 from stages.errors import StageError
@@ -59,6 +62,31 @@ def load_split(processed_dir: Path, split: str) -> tuple[torch.Tensor, torch.Ten
     return data["images"], data["labels"]
 
 
+class ShiftFlip:
+    """Training augmentation on a whole uint8 batch: random shifts of up to `max_shift` pixels
+    (zero padded) and, with `hflip`, random left-right flips; one gather, no per-sample calls."""
+
+    def __init__(self, max_shift: int, hflip: bool, generator: torch.Generator) -> None:
+        self.max_shift = max_shift
+        self.hflip = hflip
+        self.generator = generator  # on the CPU: the same draws whatever the device
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        count, device = images.shape[0], images.device
+        if self.hflip:
+            flip = torch.rand(count, generator=self.generator) < 0.5
+            images = torch.where(flip.to(device)[:, None, None], images.flip(-1), images)
+        if self.max_shift:
+            m = self.max_shift
+            padded = nn.functional.pad(images, (m, m, m, m))
+            offsets = torch.randint(0, 2 * m + 1, (2, count), generator=self.generator).to(device)
+            grid = torch.arange(images.shape[-1], device=device)
+            rows = (offsets[0, :, None] + grid)[:, :, None]
+            cols = (offsets[1, :, None] + grid)[:, None, :]
+            images = padded[torch.arange(count, device=device)[:, None, None], rows, cols]
+        return images
+
+
 class FashionMNISTTensors(Dataset):
     """One split as tensors on one device; items come out normalised, shaped [1,28,28]."""
 
@@ -69,12 +97,14 @@ class FashionMNISTTensors(Dataset):
         mean: float,
         std: float,
         device: torch.device | str = "cpu",
+        augment: ShiftFlip | None = None,
     ) -> None:
         check_split(images, labels, "FashionMNISTTensors")
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.mean = mean
         self.std = std
+        self.augment = augment
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -87,10 +117,36 @@ class FashionMNISTTensors(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.transform(self.images[index]), self.labels[index]
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, indices: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         # DataLoader hands a whole batch of indices here: one gather instead of a call per sample.
-        index = torch.as_tensor(indices, device=self.labels.device)
-        return self.transform(self.images[index]), self.labels[index]
+        index = torch.as_tensor(indices).to(self.labels.device, non_blocking=True)
+        images = self.images[index]
+        if self.augment is not None:
+            images = self.augment(images)
+        return self.transform(images), self.labels[index]
+
+
+class IndexBatchSampler(Sampler[torch.Tensor]):
+    """Yields each batch's indices as one tensor: a slice of a per-epoch permutation drawn from
+    the seeded generator (or of 0..n-1), so no Python work happens per sample."""
+
+    def __init__(
+        self, size: int, batch_size: int, shuffle: bool, generator: torch.Generator | None = None
+    ) -> None:
+        self.size = size
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=self.generator)
+        else:
+            order = torch.arange(self.size)
+        yield from order.split(self.batch_size)
 
 
 def _whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,13 +160,8 @@ def make_loader(
     generator: torch.Generator | None = None,
 ) -> DataLoader:
     """A standard DataLoader whose batches are gathered by `__getitems__` in one indexing op."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        collate_fn=_whole_batch,
-    )
+    sampler = IndexBatchSampler(len(dataset), batch_size, shuffle, generator)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=_whole_batch)
 
 
 def load_stats(processed_dir: Path) -> tuple[float, float]:
@@ -127,8 +178,10 @@ def load_stats(processed_dir: Path) -> tuple[float, float]:
         ) from None
 
 
-def load_dataset(processed_dir: Path, split: str, device: torch.device) -> FashionMNISTTensors:
+def load_dataset(
+    processed_dir: Path, split: str, device: torch.device, augment: ShiftFlip | None = None
+) -> FashionMNISTTensors:
     """One processed split, normalised with the stats preprocess chose, placed on `device` once."""
     images, labels = load_split(processed_dir, split)
     mean, std = load_stats(processed_dir)
-    return FashionMNISTTensors(images, labels, mean, std, device)
+    return FashionMNISTTensors(images, labels, mean, std, device, augment)

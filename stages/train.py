@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from stages.artifacts import save_torch
 from stages.config import LIVE_DIR, PROCESSED_DIR, TRAINED_WEIGHTS, Params, TrainParams
-from stages.dataset import load_dataset, make_loader
+from stages.dataset import ShiftFlip, load_dataset, make_loader
 from stages.device import configure_threads, resolve_device
 from stages.errors import StageError
 from stages.model import NeuralNetwork, test_loop
@@ -47,7 +47,21 @@ def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
     return optimizer_class(model.parameters(), lr=p.learning_rate, weight_decay=p.weight_decay)
 
 
-def train_loop(dataloader, model: nn.Module, loss_fn: nn.Module, optimizer) -> float:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Stepped once per batch; learning_rate is the peak (onecycle) or starting (cosine) rate."""
+    total = p.epochs * steps_per_epoch
+    if p.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, p.learning_rate, total_steps=total)
+    if p.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    return None
+
+
+def train_loop(
+    dataloader, model: nn.Module, loss_fn: nn.Module, optimizer, scheduler=None
+) -> float:
     """The tutorial's train loop; returns the epoch's mean loss (one device sync per epoch)."""
     model.train()
     loss_sum = torch.zeros((), device=next(model.parameters()).device)
@@ -57,6 +71,8 @@ def train_loop(dataloader, model: nn.Module, loss_fn: nn.Module, optimizer) -> f
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
         loss_sum += loss.detach() * y.shape[0]
         count += y.shape[0]
     return loss_sum.item() / count
@@ -81,7 +97,10 @@ def train(
     device = resolve_device(params.device)
     configure_threads(p.num_threads)
     generator = seed_everything(params.seed)
-    train_data = load_dataset(processed_dir, "train", device)
+    augment = None
+    if p.shift_pixels or p.hflip:
+        augment = ShiftFlip(p.shift_pixels, p.hflip, torch.Generator().manual_seed(params.seed + 1))
+    train_data = load_dataset(processed_dir, "train", device, augment)
     val_data = load_dataset(processed_dir, "val", device)
     if p.batch_size > len(train_data):
         raise StageError(
@@ -93,6 +112,7 @@ def train(
     model = NeuralNetwork(p.hidden_sizes).to(device)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
     optimizer = make_optimizer(model, p)
+    scheduler = make_scheduler(optimizer, p, len(train_loader))
     log.info(
         "training %d epochs on %d images, batch %d, %s lr %g",
         p.epochs,
@@ -106,7 +126,7 @@ def train(
     with open_live(live_dir) as live:
         epochs = tqdm(range(1, p.epochs + 1), desc="train", unit="epoch")
         for epoch in epochs:
-            train_loss = train_loop(train_loader, model, loss_fn, optimizer)
+            train_loss = train_loop(train_loader, model, loss_fn, optimizer, scheduler)
             if not math.isfinite(train_loss):
                 raise StageError(
                     f"training diverged: loss {train_loss} in epoch {epoch} with "

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from stages.config import Params
-from stages.dataset import FashionMNISTTensors, SplitFormatError, load_split, make_loader
+from stages.dataset import (
+    FashionMNISTTensors,
+    IndexBatchSampler,
+    ShiftFlip,
+    SplitFormatError,
+    load_split,
+    make_loader,
+)
 from stages.preprocess import IdxFormatError, preprocess, read_idx
 
 from .conftest import RAW_NAMES, idx_bytes, make_split, write_gz
@@ -126,3 +133,32 @@ def test_custom_dataset_items_and_batches_agree(processed_dir: Path) -> None:
     batches = list(make_loader(dataset, batch_size=16, shuffle=False))
     assert [len(b[1]) for b in batches] == [16, 16, 8]
     assert torch.equal(torch.cat([b[1] for b in batches]), labels)
+
+
+def test_index_batch_sampler_is_seeded_and_covers_every_sample() -> None:
+    def order(seed: int) -> list[torch.Tensor]:
+        return list(
+            IndexBatchSampler(10, 4, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        )
+
+    batches = order(3)
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert sorted(torch.cat(batches).tolist()) == list(range(10))
+    assert all(torch.equal(a, b) for a, b in zip(batches, order(3), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(batches, order(4), strict=True))
+    assert torch.equal(torch.cat(list(IndexBatchSampler(10, 4, shuffle=False))), torch.arange(10))
+
+
+def test_shift_flip_moves_pixels_without_changing_labels(processed_dir: Path) -> None:
+    images, labels = load_split(processed_dir, "test")
+    flip_only = ShiftFlip(0, hflip=True, generator=torch.Generator().manual_seed(0))
+    flipped = flip_only(images)
+    same = (flipped == images).flatten(1).all(1)
+    mirrored = (flipped == images.flip(-1)).flatten(1).all(1)
+    assert (same | mirrored).all() and mirrored.any() and same.any()
+
+    shifted = ShiftFlip(2, hflip=False, generator=torch.Generator().manual_seed(0))(images)
+    assert shifted.shape == images.shape and shifted.dtype == torch.uint8
+    assert not torch.equal(shifted, images)
+    dataset = FashionMNISTTensors(images, labels, 0.3, 0.4, augment=flip_only)
+    assert torch.equal(dataset.__getitems__(torch.arange(5))[1], labels[:5])

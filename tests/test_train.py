@@ -87,3 +87,17 @@ def test_divergence_names_epoch_and_learning_rate(
             tmp_path / "live",
         )
     assert not (tmp_path / "w.pth").exists()
+
+
+@pytest.mark.parametrize("scheduler", ["onecycle", "cosine"])
+def test_schedulers_and_augmentation_from_params(
+    tmp_path: Path, processed_dir: Path, small_params: Params, scheduler: str
+) -> None:
+    p = small_params.train.model_copy(
+        update={"scheduler": scheduler, "shift_pixels": 2, "hflip": True, "epochs": 2}
+    )
+    params = small_params.model_copy(update={"train": p})
+    first, second = tmp_path / "a.pth", tmp_path / "b.pth"
+    train.fn(params, processed_dir, first, tmp_path / "live_a")
+    train.fn(params, processed_dir, second, tmp_path / "live_b")
+    assert first.read_bytes() == second.read_bytes()  # augmentation draws are seeded too

@@ -1,0 +1,55 @@
+"""python benchmarks/accuracy.py [--seeds 0 1 2]
+
+Trains the train stage with the default params.yaml on several seeds (weight init, batch order,
+augmentation) and scores each on the test split, as the evaluate stage does. Prints one JSON
+line: {"seeds", "accuracies", "mean", "epochs", "wall_s"}. Needs data/processed
+(`dvc repro preprocess`); writes only to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from stages.config import PROCESSED_DIR, load_params
+from stages.dataset import load_dataset, make_loader
+from stages.device import resolve_device
+from stages.model import load_model, test_loop
+from stages.train import train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args()
+    params = load_params()
+    device = resolve_device(params.device)
+    test_data = load_dataset(PROCESSED_DIR, "test", device)
+    accuracies = []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            out = Path(tmp) / str(seed)
+            train.fn(params.model_copy(update={"seed": seed}), PROCESSED_DIR,
+                     out / "model_weights.pth", out / "live")  # fmt: skip
+            model = load_model(out / "model_weights.pth", params.train.hidden_sizes, device)
+            _, predictions = test_loop(make_loader(test_data, 1000, shuffle=False), model)
+            accuracies.append(
+                round((predictions == test_data.labels.cpu()).double().mean().item(), 4)
+            )
+    print(json.dumps({
+        "seeds": args.seeds,
+        "accuracies": accuracies,
+        "mean": round(sum(accuracies) / len(accuracies), 4),
+        "epochs": params.train.epochs,
+        "wall_s": round(time.perf_counter() - start, 1),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

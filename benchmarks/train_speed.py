@@ -1,0 +1,161 @@
+"""python benchmarks/train_speed.py [--samples 30000] [--device auto]
+
+Training throughput, three ways, in one process, on the same number of samples after a warm-up:
+  (a) tutorial: torchvision FashionMNIST -> ToTensor -> DataLoader(shuffle=True), SGD lr 1e-3;
+  (b) limit:    the same model's forward, backward and SGD step on random tensors in memory;
+  (c) stage:    the train stage's own loop (stages.train.train_loop over the stage's loader),
+                with the same SGD step, so c/b measures what the data path costs;
+and (c') stage_default: the same loop with the default params' optimizer, schedule and
+augmentation, for what a default run really does.
+Runs at batch 64 and at the default batch size and prints one JSON line. Needs data/raw and
+data/processed (`dvc repro preprocess`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import datasets
+from torchvision.transforms import ToTensor
+
+from stages.config import PROCESSED_DIR, RAW_DIR, load_params
+from stages.dataset import ShiftFlip, load_dataset, make_loader
+from stages.device import configure_threads, resolve_device
+from stages.model import NeuralNetwork
+from stages.train import make_optimizer, make_scheduler, train_loop
+
+
+def sgd_step_loop(batches: Iterable, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The tutorial's loop body, as written there."""
+    loss_fn = nn.CrossEntropyLoss()
+    for x, y in batches:
+        pred = model(x)
+        loss = loss_fn(pred, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def limited(loader: Iterable, batches: int) -> Iterable:
+    """The first `batches` batches of `loader`, cycling through epochs if needed."""
+    done = 0
+    while True:
+        for batch in loader:
+            if done == batches:
+                return
+            yield batch
+            done += 1
+
+
+def samples_per_second(run: Callable[[int], None], batch_size: int, samples: int,
+                       device: torch.device) -> float:  # fmt: skip
+    """Times `run(batches)` for `samples` samples after a warm-up of 20 batches."""
+    run(20)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    batches = max(1, samples // batch_size)
+    start = time.perf_counter()
+    run(batches)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def measure(batch_size: int, samples: int, device: torch.device, tutorial_root: Path | None
+            ) -> dict[str, float]:  # fmt: skip
+    params = load_params()
+    result: dict[str, float] = {}
+    torch.manual_seed(0)
+
+    def fresh_sgd() -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = NeuralNetwork().to(device)
+        return model, torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    if tutorial_root is not None:  # (a) only at batch 64, on the CPU as the tutorial runs it
+        data = datasets.FashionMNIST(tutorial_root, train=True, download=True, transform=ToTensor())
+        loader = DataLoader(data, batch_size=batch_size, shuffle=True)
+        model, optimizer = fresh_sgd()
+
+        def tutorial(n: int) -> None:
+            batches = ((x.to(device), y.to(device)) for x, y in limited(loader, n))
+            sgd_step_loop(batches, model, optimizer)
+
+        result["tutorial_sps"] = samples_per_second(tutorial, batch_size, samples, device)
+
+    # (b) no data path at all: batches are views of tensors already on the device.
+    x_all = torch.randn(samples + 20 * batch_size, 1, 28, 28, device=device)
+    y_all = torch.randint(0, 10, (x_all.shape[0],), device=device)
+    model, optimizer = fresh_sgd()
+
+    def limit(n: int) -> None:
+        sgd_step_loop(((x_all[i * batch_size:(i + 1) * batch_size],
+                        y_all[i * batch_size:(i + 1) * batch_size]) for i in range(n)),
+                      model, optimizer)  # fmt: skip
+
+    result["limit_sps"] = samples_per_second(limit, batch_size, samples, device)
+
+    # (c) the stage's data path and loop, same model and SGD step.
+    train_data = load_dataset(PROCESSED_DIR, "train", device)
+    loader = make_loader(train_data, batch_size, shuffle=True, generator=torch.Generator())
+    model, optimizer = fresh_sgd()
+    loss_fn = nn.CrossEntropyLoss()
+    result["stage_sps"] = samples_per_second(
+        lambda n: train_loop(limited(loader, n), model, loss_fn, optimizer), batch_size, samples,
+        device,
+    )  # fmt: skip
+
+    # (c') the same loop as the default params configure it.
+    p = params.train
+    augment = (
+        ShiftFlip(p.shift_pixels, p.hflip, torch.Generator()) if p.shift_pixels or p.hflip else None
+    )
+    train_data = load_dataset(PROCESSED_DIR, "train", device, augment)
+    loader = make_loader(train_data, batch_size, shuffle=True, generator=torch.Generator())
+    model = NeuralNetwork(p.hidden_sizes).to(device)
+    optimizer = make_optimizer(model, p)
+    scheduler = make_scheduler(optimizer, p, len(loader))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
+    result["stage_default_sps"] = samples_per_second(
+        lambda n: train_loop(limited(loader, n), model, loss_fn, optimizer, scheduler),
+        batch_size, samples, device,
+    )  # fmt: skip
+
+    result["stage_vs_limit"] = result["stage_sps"] / result["limit_sps"]
+    if "tutorial_sps" in result:
+        result["stage_vs_tutorial"] = result["stage_sps"] / result["tutorial_sps"]
+    return {k: round(v, 3) if "_vs_" in k else round(v) for k, v in result.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--samples", type=int, default=30_000, help="timed samples per loop")
+    parser.add_argument("--device", default=None, help="default: params.yaml's device")
+    args = parser.parse_args()
+    params = load_params()
+    device = resolve_device(args.device or params.device)
+    threads = configure_threads(params.train.num_threads)
+    default_batch = params.train.batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "FashionMNIST" / "raw"  # torchvision's layout; it md5-checks the files
+        shutil.copytree(RAW_DIR, raw)
+        report: dict[str, object] = {
+            "batch_64": measure(64, args.samples, device, Path(tmp)),
+            f"batch_{default_batch}": measure(default_batch, args.samples, device, None),
+        }
+    report.update(device=str(device), threads=threads, samples=args.samples)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
