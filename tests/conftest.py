@@ -154,7 +154,6 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `prefect server start` on 127.0.0.1 with its own PREFECT_HOME; yields the API URL."""
-    import signal
     import time
     import urllib.request
 
@@ -187,12 +186,20 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             time.sleep(0.5)
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_session(server)
         log.close()
+
+
+def stop_session(process: subprocess.Popen, timeout: float = 30) -> None:
+    """Stops a process started with start_new_session=True, and its children, by its PID."""
+    import signal
+
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def copy_repo(dest: Path) -> Path:

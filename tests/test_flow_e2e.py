@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from .conftest import (
     prefect_api,
     run,
     stages_run,
+    stop_session,
     tool_env,
 )
 
@@ -187,11 +187,7 @@ def test_serve_registers_the_schedule_and_runs_on_demand(
         assert state["type"] == "COMPLETED", state
         assert task_states(prefect_server, flow_run["id"]) == dict.fromkeys(STAGES, "Cached")
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
+        stop_session(serve)
 
 
 def test_serve_without_a_server_says_how_to_start_one(tmp_path: Path) -> None:
