@@ -36,3 +36,32 @@ def test_same_tensors_give_the_same_bytes(tmp_path: Path) -> None:
     save_torch(state, tmp_path / "b" / "other-name.pth")
     assert (tmp_path / "a.pth").read_bytes() == (tmp_path / "b" / "other-name.pth").read_bytes()
     assert torch.equal(torch.load(tmp_path / "a.pth", weights_only=True)["w"], state["w"])
+
+
+class _Payload:
+    """Unpickling this runs `touch <marker>`: what a poisoned weights file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_pickle_is_refused_and_never_run(tmp_path: Path) -> None:
+    from stages.dataset import SplitFormatError, load_split
+    from stages.errors import StageError
+    from stages.model import load_model
+
+    marker = tmp_path / "pwned"
+    poisoned = tmp_path / "model_weights.pth"
+    torch.save({"linear_relu_stack.0.weight": _Payload(marker)}, poisoned)
+    with pytest.raises(StageError, match="not a loadable state_dict"):
+        load_model(poisoned, [512, 512])
+    (tmp_path / "processed").mkdir()
+    torch.save({"images": _Payload(marker), "labels": None}, tmp_path / "processed" / "test.pt")
+    with pytest.raises(SplitFormatError, match="not a readable tensor file"):
+        load_split(tmp_path / "processed", "test")
+    assert not marker.exists()

@@ -63,6 +63,13 @@ def test_second_repro_runs_no_stage(pipeline_copy: Path) -> None:
     assert "Data and pipelines are up to date" in result.stdout
 
 
+def test_forced_rerun_is_byte_identical(pipeline_copy: Path, real_mirror: Path) -> None:
+    lock = (pipeline_copy / "dvc.lock").read_bytes()
+    result = dvc(pipeline_copy, "repro", "--force", FMNIST_MIRROR=str(real_mirror))
+    assert stages_run(result.stdout) == ["download", "preprocess", "train", "evaluate", "export"]
+    assert (pipeline_copy / "dvc.lock").read_bytes() == lock
+
+
 def test_learning_rate_change_reruns_train_evaluate_export(pipeline_copy: Path) -> None:
     edit_params(pipeline_copy, train={"learning_rate": 0.002})
     status = dvc(pipeline_copy, "status").stdout

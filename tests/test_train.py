@@ -101,3 +101,11 @@ def test_schedulers_and_augmentation_from_params(
     train.fn(params, processed_dir, first, tmp_path / "live_a")
     train.fn(params, processed_dir, second, tmp_path / "live_b")
     assert first.read_bytes() == second.read_bytes()  # augmentation draws are seeded too
+
+
+def test_another_seed_gives_other_weights(
+    tmp_path: Path, processed_dir: Path, small_params: Params, trained: dict[str, Path]
+) -> None:
+    other = tmp_path / "other.pth"
+    train.fn(small_params.model_copy(update={"seed": 7}), processed_dir, other, tmp_path / "l")
+    assert other.read_bytes() != trained["weights_path"].read_bytes()
