@@ -44,6 +44,7 @@ from prefect.states import Completed, State
 
 from stages.config import EVAL_DIR, PARAMS_FILE, Params, load_params
 from stages.errors import StageError
+from stages.runtime import prefect_api_url, require_prefect_server
 
 FLOW_NAME = "fashion-mnist-pipeline"
 STAGE_COMMAND = re.compile(r"^python3? -m (stages\.(\w+))$")
@@ -301,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
+        if api_url := prefect_api_url():
+            require_prefect_server(api_url)
         pipeline(force=args.force, targets=args.targets, wait_for_lock=args.wait_for_lock)
     except (StageError, DvcException) as exc:
         # DVC wraps a failed stage's error ("failed to reproduce 'train'"): show both.

@@ -17,31 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import urllib.request
 from pathlib import Path
+
+from stages.errors import StageError
+from stages.runtime import START_SERVER_HINT, prefect_api_url, require_prefect_server
 
 DEFAULT_CRON = "0 3 * * *"  # every day at 03:00
 DEPLOYMENT_NAME = "scheduled"
-
-
-def reachable_api_url() -> str:
-    """The configured Prefect API URL, if a server answers its health check; else SystemExit."""
-    from prefect.settings import get_current_settings
-
-    url = get_current_settings().api.url
-    how = (
-        "start one with `prefect server start --host 127.0.0.1` and set "
-        "PREFECT_API_URL=http://127.0.0.1:4200/api"
-    )
-    if not url:
-        raise SystemExit(f"error: no Prefect server configured (PREFECT_API_URL is unset); {how}")
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as response:
-            if response.status == 200:
-                return url
-    except OSError as exc:
-        raise SystemExit(f"error: no Prefect server answers at {url} ({exc}); {how}") from None
-    raise SystemExit(f"error: the Prefect server at {url} is not healthy; {how}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timezone", default="UTC", help="timezone of the schedule (default: UTC)")
     args = parser.parse_args(argv)
-    url = reachable_api_url()
+    url = prefect_api_url()
+    try:
+        if not url:
+            raise StageError(
+                f"no Prefect server configured (PREFECT_API_URL is unset); {START_SERVER_HINT}"
+            )
+        require_prefect_server(url)
+    except StageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
     from dvc.repo import Repo
     from prefect.schedules import Cron

@@ -35,10 +35,32 @@ def stage_logger(stage: str) -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger(f"stages.{stage}")
 
 
+START_SERVER_HINT = (
+    "start one with `prefect server start --host 127.0.0.1` and set "
+    "PREFECT_API_URL=http://127.0.0.1:4200/api"
+)
+
+
 def prefect_api_url() -> str | None:
     from prefect.settings import get_current_settings
 
     return get_current_settings().api.url
+
+
+def require_prefect_server(url: str) -> str:
+    """Returns `url` if a Prefect server answers its health check within 5 s; else StageError."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as response:
+            if response.status == 200:
+                return url
+    except OSError as exc:
+        raise StageError(
+            f"no Prefect server answers at PREFECT_API_URL={url} ({exc}); {START_SERVER_HINT}, "
+            "or unset PREFECT_API_URL to run without Prefect recording the run"
+        ) from None
+    raise StageError(f"the Prefect server at {url} is not healthy; {START_SERVER_HINT}")
 
 
 def run_cli(stage_task: Any, description: str | None, argv: list[str] | None = None) -> int:
@@ -59,7 +81,10 @@ def run_cli(stage_task: Any, description: str | None, argv: list[str] | None = N
     log = stage_logger(name)
     try:
         params = load_params(args.params)
-        as_task_run = prefect_api_url() is not None
+        api_url = prefect_api_url()
+        if api_url:
+            require_prefect_server(api_url)
+        as_task_run = api_url is not None
         log.info(
             "%s: starting %.2f s after process start (as a Prefect task run: %s)",
             name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import urllib.request
 from pathlib import Path
 
@@ -64,3 +65,15 @@ def test_stage_is_a_task_run_on_a_configured_server(
         task_runs = json.load(response)
     states = {r["name"]: r["state_type"] for r in task_runs if r["name"].startswith("download")}
     assert "COMPLETED" in states.values(), task_runs
+
+
+@pytest.mark.parametrize("module", ["stages.export", "flows.pipeline"])
+def test_a_dead_prefect_server_is_a_clear_error_not_a_hang(tmp_path: Path, module: str) -> None:
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    started = time.monotonic()
+    result = run(["python", "-m", module], tmp_path,
+                 tool_env(PREFECT_API_URL="http://127.0.0.1:9/api"), check=False)  # fmt: skip
+    assert result.returncode == 1
+    assert "no Prefect server answers at PREFECT_API_URL=http://127.0.0.1:9/api" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 60
