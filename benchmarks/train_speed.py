@@ -28,10 +28,10 @@ from torchvision import datasets
 from torchvision.transforms import ToTensor
 
 from stages.config import PROCESSED_DIR, RAW_DIR, load_params
-from stages.dataset import ShiftFlip, load_dataset, make_loader
+from stages.dataset import load_dataset, make_loader
 from stages.device import configure_threads, resolve_device
 from stages.model import NeuralNetwork
-from stages.train import make_optimizer, make_scheduler, train_loop
+from stages.train import make_augment, make_optimizer, make_scheduler, train_loop
 
 
 def sgd_step_loop(batches: Iterable, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -115,10 +115,7 @@ def measure(batch_size: int, samples: int, device: torch.device, tutorial_root: 
 
     # (c') the same loop as the default params configure it.
     p = params.train
-    augment = (
-        ShiftFlip(p.shift_pixels, p.hflip, torch.Generator()) if p.shift_pixels or p.hflip else None
-    )
-    train_data = load_dataset(PROCESSED_DIR, "train", device, augment)
+    train_data = load_dataset(PROCESSED_DIR, "train", device, make_augment(p, params.seed))
     loader = make_loader(train_data, batch_size, shuffle=True, generator=torch.Generator())
     model = NeuralNetwork(p.hidden_sizes).to(device)
     optimizer = make_optimizer(model, p)

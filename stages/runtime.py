@@ -47,14 +47,14 @@ def prefect_api_url() -> str | None:
     return get_current_settings().api.url
 
 
-def require_prefect_server(url: str) -> str:
-    """Returns `url` if a Prefect server answers its health check within 5 s; else StageError."""
+def require_prefect_server(url: str) -> None:
+    """Raises StageError unless a Prefect server answers its health check at `url` within 5 s."""
     import urllib.request
 
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as response:
             if response.status == 200:
-                return url
+                return
     except OSError as exc:
         raise StageError(
             f"no Prefect server answers at PREFECT_API_URL={url} ({exc}); {START_SERVER_HINT}, "

@@ -47,6 +47,13 @@ def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
     return optimizer_class(model.parameters(), lr=p.learning_rate, weight_decay=p.weight_decay)
 
 
+def make_augment(p: TrainParams, seed: int) -> ShiftFlip | None:
+    """The training augmentation the params ask for, drawing from its own seeded generator."""
+    if not (p.shift_pixels or p.hflip):
+        return None
+    return ShiftFlip(p.shift_pixels, p.hflip, torch.Generator().manual_seed(seed + 1))
+
+
 def make_scheduler(
     optimizer: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
@@ -97,10 +104,7 @@ def train(
     device = resolve_device(params.device)
     configure_threads(p.num_threads)
     generator = seed_everything(params.seed)
-    augment = None
-    if p.shift_pixels or p.hflip:
-        augment = ShiftFlip(p.shift_pixels, p.hflip, torch.Generator().manual_seed(params.seed + 1))
-    train_data = load_dataset(processed_dir, "train", device, augment)
+    train_data = load_dataset(processed_dir, "train", device, make_augment(p, params.seed))
     val_data = load_dataset(processed_dir, "val", device)
     if p.batch_size > len(train_data):
         raise StageError(
