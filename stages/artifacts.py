@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -15,7 +16,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
+
+from stages.errors import StageError
+
+
+class OutputError(StageError):
+    """An out cannot be written where it belongs."""
 
 
 def _fsync(path: Path) -> None:
@@ -23,12 +31,45 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def _temp_prefix(dest: Path) -> str:
+    # The PID lets a later run tell a killed writer's leftovers from a live writer's files.
+    return f".{dest.name}.{os.getpid()}."
+
+
+def remove_stale_temps(dest: Path) -> None:
+    """Deletes temporaries that a killed writer of `dest` left behind beside it."""
+    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.(\d+)\.[^.]+\.tmp$")
+    for leftover in dest.parent.glob(f".{dest.name}.*"):
+        match = pattern.match(leftover.name)
+        if match and not psutil.pid_exists(int(match.group(1))):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    old = dest.with_name(f".{dest.name}.old")
+    if old.exists() and not dest.exists():  # killed between atomic_dir's two renames
+        os.replace(old, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def require_writable(*dests: Path) -> None:
+    """Fails before any work unless each out's folder takes a new file (what a rename needs)."""
+    for dest in map(Path, dests):
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=dest.parent):
+                pass
+        except OSError as exc:
+            raise OutputError(
+                f"{dest}: cannot write into {dest.parent}/ ({exc.strerror}); "
+                "expected a folder this user can write"
+            ) from None
+
+
 @contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
     """Yields a temporary path in dest's folder; renames it onto dest only if the block succeeds."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    require_writable(dest)
+    remove_stale_temps(dest)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -44,12 +85,14 @@ def atomic_path(dest: Path) -> Iterator[Path]:
 def atomic_dir(dest: Path) -> Iterator[Path]:
     """Yields an empty temporary folder beside dest; it replaces dest only if the block succeeds."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    require_writable(dest)
+    remove_stale_temps(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
-        for child in tmp.iterdir():
-            _fsync(child)
+        for child in tmp.rglob("*"):
+            if child.is_file():
+                _fsync(child)
         os.chmod(tmp, 0o755)
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old")

@@ -22,6 +22,8 @@ RAW_DIR = Path("data/raw")
 PROCESSED_DIR = Path("data/processed")
 TRAINED_WEIGHTS = Path("models/train/model_weights.pth")
 LIVE_DIR = Path("reports/train")
+# Outside every DVC out, so resuming never makes DVC see the train stage as changed.
+CHECKPOINT = Path("models/checkpoints/train.pt")
 EVAL_DIR = Path("reports/evaluate")
 EXPORT_DIR = Path("models")
 
@@ -73,6 +75,8 @@ class TrainParams(Section):
     hflip: bool = False  # augmentation: random left-right flips
     hidden_sizes: Annotated[list[PositiveInt], Field(min_length=1)] = [512, 512]
     num_threads: Annotated[int, Field(ge=0)] = 0  # 0: one per physical core
+    checkpoint_every_steps: Annotated[int, Field(ge=0)] = 0  # 0: at the end of each epoch only
+    deterministic: bool = False  # CUDA: deterministic kernels (the CPU path always is)
 
 
 class EvaluateParams(Section):

@@ -137,6 +137,7 @@ class IndexBatchSampler(Sampler[torch.Tensor]):
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.generator = generator
+        self.skip = 0  # batches the next epoch leaves out at its start: a resumed epoch's done part
 
     def __len__(self) -> int:
         return math.ceil(self.size / self.batch_size)
@@ -146,7 +147,8 @@ class IndexBatchSampler(Sampler[torch.Tensor]):
             order = torch.randperm(self.size, generator=self.generator)
         else:
             order = torch.arange(self.size)
-        yield from order.split(self.batch_size)
+        skip, self.skip = self.skip, 0
+        yield from order.split(self.batch_size)[skip:]
 
 
 def _whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

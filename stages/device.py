@@ -52,3 +52,18 @@ def configure_threads(num_threads: int) -> int:
     torch.set_num_threads(num_threads)
     log.info("torch threads: %d", num_threads)
     return num_threads
+
+
+def configure_determinism(deterministic: bool) -> None:
+    """`train.deterministic`: deterministic CUDA kernels, at some cost in speed on the GPU.
+
+    The CPU path is deterministic without it. cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it
+    creates its handle, so this must run before the first CUDA matmul.
+    """
+    if not deterministic:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    log.info("deterministic algorithms on")

@@ -22,7 +22,7 @@ from torchvision.datasets import FashionMNIST
 from torchvision.datasets.utils import calculate_md5, download_url
 from tqdm import tqdm
 
-from stages.artifacts import atomic_dir
+from stages.artifacts import atomic_dir, require_writable
 from stages.config import RAW_DIR, DownloadParams, Params
 from stages.errors import StageError
 from stages.runtime import run_cli, stage_logger
@@ -103,6 +103,7 @@ def download(
 ) -> dict[str, str]:
     """Writes `files` (name, md5) into raw_dir, all verified, or nothing at all."""
     log = stage_logger("download")
+    require_writable(raw_dir)
     mirrors = list(mirrors) if mirrors is not None else sources()
     checksums: dict[str, str] = {}
     with atomic_dir(Path(raw_dir)) as staging:

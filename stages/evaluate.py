@@ -16,13 +16,22 @@ from matplotlib.figure import Figure
 from prefect import task
 from prefect.cache_policies import NONE
 
-from stages.artifacts import atomic_path, write_json, write_text
+from stages.artifacts import atomic_path, require_writable, write_json, write_text
 from stages.config import EVAL_DIR, LIVE_DIR, PROCESSED_DIR, TRAINED_WEIGHTS, Params
 from stages.dataset import CLASSES, load_dataset, make_loader
 from stages.device import resolve_device
 from stages.errors import StageError
 from stages.model import NUM_CLASSES, load_model, test_loop
 from stages.runtime import run_cli, stage_logger
+
+# What this stage writes into reports/evaluate/ (dvc.yaml lists the same files).
+OUT_FILES = (
+    "metrics.json",
+    "per_class.csv",
+    "confusion.csv",
+    "confusion_matrix.png",
+    "training_curves.png",
+)
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
@@ -99,6 +108,7 @@ def evaluate(
     out_dir: Path = EVAL_DIR,
 ) -> dict[str, float]:
     log = stage_logger("evaluate")
+    require_writable(*(Path(out_dir) / name for name in OUT_FILES))
     device = resolve_device(params.device)
     test_data = load_dataset(processed_dir, "test", device)
     model = load_model(weights_path, params.train.hidden_sizes, device)

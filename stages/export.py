@@ -20,7 +20,14 @@ from prefect import task
 from prefect.cache_policies import NONE
 from safetensors.torch import save_file
 
-from stages.artifacts import atomic_path, file_digest, save_torch, write_json, write_text
+from stages.artifacts import (
+    atomic_path,
+    file_digest,
+    require_writable,
+    save_torch,
+    write_json,
+    write_text,
+)
 from stages.config import (
     EVAL_DIR,
     EXPORT_DIR,
@@ -36,6 +43,8 @@ from stages.runtime import run_cli, stage_logger
 
 STAGES_SOURCE = Path(__file__).resolve().parent
 CARD_PARAMS = {"seed", "device", "preprocess", "train", "export"}
+# What this stage writes into models/ (dvc.yaml lists the same files).
+OUT_FILES = ("model_weights.pth", "model.safetensors", "model_card.json", "model_card.md")
 
 
 def code_version() -> dict[str, str]:
@@ -108,6 +117,7 @@ def export(
     out_dir: Path = EXPORT_DIR,
 ) -> dict[str, Any]:
     log = stage_logger("export")
+    require_writable(*(Path(out_dir) / name for name in OUT_FILES))
     hidden_sizes = params.train.hidden_sizes
     model = load_model(weights_path, hidden_sizes)
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}

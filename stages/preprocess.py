@@ -17,7 +17,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NONE
 
-from stages.artifacts import atomic_dir, save_torch, write_json
+from stages.artifacts import atomic_dir, require_writable, save_torch, write_json
 from stages.config import PROCESSED_DIR, RAW_DIR, Params
 from stages.dataset import split_path
 from stages.errors import StageError
@@ -109,6 +109,7 @@ def preprocess(
     params: Params, raw_dir: Path = RAW_DIR, processed_dir: Path = PROCESSED_DIR
 ) -> dict[str, float]:
     log = stage_logger("preprocess")
+    require_writable(processed_dir)
     train_images, train_labels = read_split(raw_dir, "train")
     test = read_split(raw_dir, "test")
     train, val = split_off_validation(

@@ -8,9 +8,11 @@ and the per-epoch curves (train loss, val loss, val accuracy) with dvclive to re
 
 from __future__ import annotations
 
-import math
 import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,10 +23,18 @@ from scmrepo.exceptions import SCMError
 from torch import nn
 from tqdm import tqdm
 
-from stages.artifacts import save_torch
-from stages.config import LIVE_DIR, PROCESSED_DIR, TRAINED_WEIGHTS, Params, TrainParams
+from stages.artifacts import atomic_dir, require_writable, save_torch
+from stages.checkpoint import (
+    capture_rng,
+    data_fingerprint,
+    load_checkpoint,
+    params_fingerprint,
+    restore_rng,
+    save_checkpoint,
+)
+from stages.config import CHECKPOINT, LIVE_DIR, PROCESSED_DIR, TRAINED_WEIGHTS, Params, TrainParams
 from stages.dataset import ShiftFlip, load_dataset, make_loader
-from stages.device import configure_threads, resolve_device
+from stages.device import configure_determinism, configure_threads, resolve_device
 from stages.errors import StageError
 from stages.model import NeuralNetwork, test_loop
 from stages.runtime import run_cli, stage_logger
@@ -66,23 +76,68 @@ def make_scheduler(
     return None
 
 
+@dataclass
+class EpochRecord:
+    """One epoch's batch losses (left on the device: no sync per batch) and learning rates."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+
+    def mean_loss(self) -> float:
+        sizes = torch.tensor(self.sizes, dtype=torch.float32, device=self.losses[0].device)
+        return ((torch.stack(self.losses) * sizes).sum() / sizes.sum()).item()
+
+    def first_non_finite(self) -> int | None:
+        bad = (~torch.isfinite(torch.stack(self.losses))).nonzero()
+        return int(bad[0]) if len(bad) else None
+
+    def to_state(self) -> dict[str, Any]:
+        losses = torch.stack(self.losses).cpu() if self.losses else torch.zeros(0)
+        return {"losses": losses, "sizes": self.sizes, "lrs": self.lrs}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> EpochRecord:
+        return cls(list(state["losses"].to(device).unbind()), state["sizes"], state["lrs"])
+
+
 def train_loop(
-    dataloader, model: nn.Module, loss_fn: nn.Module, optimizer, scheduler=None
-) -> float:
-    """The tutorial's train loop; returns the epoch's mean loss (one device sync per epoch)."""
+    dataloader: Iterable,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    record: EpochRecord | None = None,
+    after_batch: Callable[[EpochRecord], None] | None = None,
+) -> EpochRecord:
+    """The tutorial's train loop over one epoch's batches, adding each batch to `record`."""
+    record = EpochRecord() if record is None else record
     model.train()
-    loss_sum = torch.zeros((), device=next(model.parameters()).device)
-    count = 0
     for x, y in dataloader:
+        record.lrs.append(optimizer.param_groups[0]["lr"])
         loss = loss_fn(model(x), y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         if scheduler is not None:
             scheduler.step()
-        loss_sum += loss.detach() * y.shape[0]
-        count += y.shape[0]
-    return loss_sum.item() / count
+        record.losses.append(loss.detach())
+        record.sizes.append(y.shape[0])
+        if after_batch is not None:
+            after_batch(record)
+    return record
+
+
+def require_finite(record: EpochRecord, epoch: int, steps_per_epoch: int, p: TrainParams) -> None:
+    batch = record.first_non_finite()
+    if batch is None:
+        return
+    step = (epoch - 1) * steps_per_epoch + batch + 1
+    raise StageError(
+        f"training diverged: loss {record.losses[batch].item()} at epoch {epoch}, step {step} "
+        f"(batch {batch + 1} of {steps_per_epoch}), learning rate {record.lrs[batch]:g} "
+        f"(train.learning_rate = {p.learning_rate}); lower train.learning_rate"
+    )
 
 
 def open_live(live_dir: Path) -> Live:
@@ -92,70 +147,111 @@ def open_live(live_dir: Path) -> Live:
         raise StageError(f"dvclive needs a git repository with a commit here: {exc}") from None
 
 
+def log_epoch(live: Live, metrics: dict[str, float]) -> None:
+    for name, value in metrics.items():
+        live.log_metric(name, round(value, 6))
+    live.next_step()
+
+
 @task(name="train", cache_policy=NONE, persist_result=False)
 def train(
     params: Params,
     processed_dir: Path = PROCESSED_DIR,
     weights_path: Path = TRAINED_WEIGHTS,
     live_dir: Path = LIVE_DIR,
+    checkpoint_path: Path = CHECKPOINT,
 ) -> dict[str, float]:
     log = stage_logger("train")
     p = params.train
+    configure_determinism(p.deterministic)
     device = resolve_device(params.device)
     configure_threads(p.num_threads)
-    generator = seed_everything(params.seed)
-    train_data = load_dataset(processed_dir, "train", device, make_augment(p, params.seed))
+    require_writable(weights_path, live_dir, checkpoint_path)
+    order_generator = seed_everything(params.seed)
+    augment = make_augment(p, params.seed)
+    train_data = load_dataset(processed_dir, "train", device, augment)
     val_data = load_dataset(processed_dir, "val", device)
     if p.batch_size > len(train_data):
         raise StageError(
             f"train.batch_size = {p.batch_size}: larger than the train split ({len(train_data)})"
         )
-    train_loader = make_loader(train_data, p.batch_size, shuffle=True, generator=generator)
+    train_loader = make_loader(train_data, p.batch_size, shuffle=True, generator=order_generator)
     val_loader = make_loader(val_data, params.evaluate.batch_size, shuffle=False)
+    steps_per_epoch = len(train_loader)
 
     model = NeuralNetwork(p.hidden_sizes).to(device)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
     optimizer = make_optimizer(model, p)
-    scheduler = make_scheduler(optimizer, p, len(train_loader))
-    log.info(
-        "training %d epochs on %d images, batch %d, %s lr %g",
-        p.epochs,
-        len(train_data),
-        p.batch_size,
-        p.optimizer,
-        p.learning_rate,
-    )
+    scheduler = make_scheduler(optimizer, p, steps_per_epoch)
+    generators = {"order": order_generator, "augment": augment and augment.generator}
+    fingerprints = {
+        "params": params_fingerprint(params, device),
+        "data": data_fingerprint(processed_dir),
+    }
 
-    history: dict[str, float] = {}
-    with open_live(live_dir) as live:
-        epochs = tqdm(range(1, p.epochs + 1), desc="train", unit="epoch")
-        for epoch in epochs:
-            train_loss = train_loop(train_loader, model, loss_fn, optimizer, scheduler)
-            if not math.isfinite(train_loss):
-                raise StageError(
-                    f"training diverged: loss {train_loss} in epoch {epoch} with "
-                    f"train.learning_rate = {p.learning_rate}; lower the learning rate"
-                )
+    # Where training stands: the epoch in progress, the batch-order state it started from, the
+    # batches it has done, and every finished epoch's metrics.
+    epoch, order, record, history = 1, order_generator.get_state(), EpochRecord(), []
+    resumed = load_checkpoint(checkpoint_path, fingerprints, log)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resumed["scheduler"])
+        restore_rng(resumed["rng"], generators)
+        epoch, order, history = resumed["epoch"], resumed["order"], resumed["history"]
+        record = EpochRecord.from_state(resumed["record"], device)
+        log.info("resuming from %s: epoch %d, batch %d of %d", checkpoint_path, epoch,
+                 len(record.losses), steps_per_epoch)  # fmt: skip
+
+    def checkpoint(record: EpochRecord) -> None:
+        save_checkpoint(checkpoint_path, fingerprints, {
+            "epoch": epoch, "order": order, "record": record.to_state(), "history": history,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": capture_rng(generators),
+        })  # fmt: skip
+
+    def every_n_steps(record: EpochRecord) -> None:
+        if p.checkpoint_every_steps and len(record.losses) % p.checkpoint_every_steps == 0:
+            require_finite(record, epoch, steps_per_epoch, p)  # never checkpoint a diverged model
+            checkpoint(record)
+
+    log.info("training %d epochs on %d images, batch %d, %s lr %g", p.epochs, len(train_data),
+             p.batch_size, p.optimizer, p.learning_rate)  # fmt: skip
+    with atomic_dir(live_dir) as live_staging, open_live(live_staging) as live:
+        for metrics in history:
+            log_epoch(live, metrics)
+        bar = tqdm(total=p.epochs, initial=epoch - 1, desc="train", unit="epoch")
+        while epoch <= p.epochs:
+            order_generator.set_state(order)
+            train_loader.batch_sampler.skip = len(record.losses)
+            record = train_loop(
+                train_loader, model, loss_fn, optimizer, scheduler, record, every_n_steps
+            )
+            require_finite(record, epoch, steps_per_epoch, p)
             val_loss, predictions = test_loop(val_loader, model)
             val_accuracy = (predictions == val_data.labels.cpu()).double().mean().item()
-            history = {"train/loss": train_loss, "val/loss": val_loss, "val/accuracy": val_accuracy}
-            for name, value in history.items():
-                live.log_metric(name, round(value, 6))
-            live.next_step()
-            epochs.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{val_accuracy:.4f}")
-            log.info(
-                "epoch %d/%d: train loss %.4f, val loss %.4f, val accuracy %.4f",
-                epoch,
-                p.epochs,
-                train_loss,
-                val_loss,
-                val_accuracy,
-            )
+            metrics = {
+                "train/loss": record.mean_loss(),
+                "val/loss": val_loss,
+                "val/accuracy": val_accuracy,
+            }
+            history.append(metrics)
+            log_epoch(live, metrics)
+            bar.update()
+            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", val_acc=f"{val_accuracy:.4f}")
+            log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val accuracy %.4f", epoch,
+                     p.epochs, metrics["train/loss"], val_loss, val_accuracy)  # fmt: skip
+            epoch, order, record = epoch + 1, order_generator.get_state(), EpochRecord()
+            checkpoint(record)
+        bar.close()
 
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     save_torch(state, weights_path)
+    Path(checkpoint_path).unlink(missing_ok=True)
     log.info("wrote %s", weights_path)
-    return history
+    return history[-1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,17 @@
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 
+import stages.train
 from stages.artifacts import load_torch
 from stages.config import Params
 from stages.errors import StageError
 from stages.model import NeuralNetwork
 from stages.train import train
+
+from .test_artifacts import _Payload
 
 
 def test_the_seed_network_shape() -> None:
@@ -75,11 +79,12 @@ def test_batch_larger_than_the_split_is_refused(
     assert not (tmp_path / "w.pth").exists()
 
 
-def test_divergence_names_epoch_and_learning_rate(
+def test_divergence_names_epoch_step_and_learning_rate(
     tmp_path: Path, processed_dir: Path, small_params: Params
 ) -> None:
     p = small_params.train.model_copy(update={"optimizer": "sgd", "learning_rate": 1e30})
-    with pytest.raises(StageError, match=r"loss nan in epoch 1 with train.learning_rate = 1e\+30"):
+    expected = r"loss nan at epoch 1, step 2 \(batch 2 of 6\), learning rate 1e\+30"
+    with pytest.raises(StageError, match=expected):
         train.fn(
             small_params.model_copy(update={"train": p}),
             processed_dir,
@@ -109,3 +114,99 @@ def test_another_seed_gives_other_weights(
     other = tmp_path / "other.pth"
     train.fn(small_params.model_copy(update={"seed": 7}), processed_dir, other, tmp_path / "l")
     assert other.read_bytes() != trained["weights_path"].read_bytes()
+
+
+class Interrupted(Exception):
+    """Stands in for a kill right after the n-th checkpoint reached the disk."""
+
+
+def interrupt_after_checkpoint(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    real_save = stages.train.save_checkpoint
+    saved = []
+
+    def save_then_stop(*args, **kwargs) -> None:
+        real_save(*args, **kwargs)
+        saved.append(1)
+        if len(saved) == n:
+            raise Interrupted
+
+    monkeypatch.setattr(stages.train, "save_checkpoint", save_then_stop)
+
+
+@pytest.fixture
+def resumable(small_params: Params) -> Params:
+    """3 epochs of 6 batches, a checkpoint every 4 batches, onecycle and augmentation: every
+    piece of state a resume has to restore exactly."""
+    p = small_params.train.model_copy(
+        update={"epochs": 3, "checkpoint_every_steps": 4, "optimizer": "sgd",
+                "scheduler": "onecycle", "learning_rate": 0.05, "shift_pixels": 2, "hflip": True}
+    )  # fmt: skip
+    return small_params.model_copy(update={"train": p})
+
+
+@pytest.mark.parametrize("kill_after", [1, 2, 4, 6])  # mid-epoch 1, end of 1, mid 3, end of 3
+def test_resume_after_interruption_is_byte_identical(
+    tmp_path: Path, processed_dir: Path, resumable: Params, kill_after: int,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    unbroken = tmp_path / "unbroken"
+    train.fn(resumable, processed_dir, unbroken / "w.pth", unbroken / "live", unbroken / "ck.pt")
+    assert not (unbroken / "ck.pt").exists()  # deleted once the weights are written
+
+    resumed = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        interrupt_after_checkpoint(patch, kill_after)
+        with pytest.raises(Interrupted):
+            train.fn(resumable, processed_dir, resumed / "w.pth", resumed / "live",
+                     resumed / "ck.pt")  # fmt: skip
+    assert not (resumed / "w.pth").exists() and not (resumed / "live").exists()
+    with caplog.at_level(logging.INFO, logger="stages.train"):
+        train.fn(resumable, processed_dir, resumed / "w.pth", resumed / "live", resumed / "ck.pt")
+    assert "resuming from" in caplog.text
+    assert (resumed / "w.pth").read_bytes() == (unbroken / "w.pth").read_bytes()
+    for curve in sorted((unbroken / "live").rglob("*.*")):
+        assert (
+            curve.read_bytes()
+            == (resumed / "live" / curve.relative_to(unbroken / "live")).read_bytes()
+        )
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [("params", "it belongs to other params"), ("data", "it belongs to other data"),
+     ("malicious", "it cannot be loaded safely")],
+)  # fmt: skip
+def test_a_foreign_or_unsafe_checkpoint_is_ignored_saying_why(
+    tmp_path: Path, processed_dir: Path, resumable: Params, change: str, reason: str,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    checkpoint = tmp_path / "ck.pt"
+    marker = tmp_path / "pwned"
+    with monkeypatch.context() as patch:
+        interrupt_after_checkpoint(patch, 2)
+        with pytest.raises(Interrupted):
+            train.fn(resumable, processed_dir, tmp_path / "w.pth", tmp_path / "l", checkpoint)
+    params = resumable
+    if change == "params":
+        params = resumable.model_copy(update={"seed": 7})
+    elif change == "data":
+        stats = processed_dir / "stats.json"
+        stats.write_text(stats.read_text().replace('"mean": 0.', '"mean": 0.0'))
+    else:
+        torch.save({"format": 1, "model": _Payload(marker)}, checkpoint)
+    with caplog.at_level(logging.INFO, logger="stages.train"):
+        train.fn(params, processed_dir, tmp_path / "w.pth", tmp_path / "l", checkpoint)
+    assert f"ignoring checkpoint {checkpoint}: {reason}" in caplog.text
+    assert "resuming from" not in caplog.text
+    assert not marker.exists()
+    assert not checkpoint.exists()
+
+
+def test_checkpoint_frequency_does_not_change_the_weights(
+    tmp_path: Path, processed_dir: Path, resumable: Params, trained: dict[str, Path]
+) -> None:
+    every_step = resumable.train.model_copy(update={"checkpoint_every_steps": 1})
+    train.fn(resumable, processed_dir, tmp_path / "a.pth", tmp_path / "la", tmp_path / "ca.pt")
+    train.fn(resumable.model_copy(update={"train": every_step}), processed_dir,
+             tmp_path / "b.pth", tmp_path / "lb", tmp_path / "cb.pt")  # fmt: skip
+    assert (tmp_path / "a.pth").read_bytes() == (tmp_path / "b.pth").read_bytes()

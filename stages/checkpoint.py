@@ -1,0 +1,112 @@
+"""Train checkpoints: what an interrupted training run needs to finish as if it never stopped.
+
+The train stage writes one atomically at the end of each epoch (and every
+`train.checkpoint_every_steps` batches) to models/checkpoints/train.pt. That path is outside
+every DVC out, so a checkpoint never makes DVC see the stage as changed. Each checkpoint carries
+a hash of the params and one of the data it belongs to. A checkpoint that belongs to other
+params or data, or that cannot be loaded safely, is ignored with a log line saying why. The
+stage deletes the checkpoint once the final weights are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.artifacts import file_digest, load_torch, save_torch
+from stages.config import Params
+
+CHECKPOINT_FORMAT = 1
+# Settings that change how often checkpoints are written, not what training computes.
+NOT_FINGERPRINTED = {"checkpoint_every_steps"}
+
+
+def params_fingerprint(params: Params, device: torch.device) -> str:
+    """sha256 of every setting that shapes the trained weights and the logged curves."""
+    relevant = {
+        "seed": params.seed,
+        "device": str(device),
+        "train": params.train.model_dump(exclude=NOT_FINGERPRINTED),
+        "evaluate": params.evaluate.model_dump(),
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def data_fingerprint(processed_dir: Path) -> str:
+    """sha256 over the processed files that training reads."""
+    digests = [
+        file_digest(Path(processed_dir) / name, "sha256")
+        for name in ("train.pt", "val.pt", "stats.json")
+    ]
+    return hashlib.sha256(" ".join(digests).encode()).hexdigest()
+
+
+def capture_rng(generators: dict[str, torch.Generator | None]) -> dict[str, Any]:
+    """Every RNG state: Python's, NumPy's, torch's (CPU and CUDA) and the named generators'."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        # As a tensor and plain numbers: weights_only loading refuses NumPy arrays.
+        "numpy": [
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached_gaussian),
+        ],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": {name: g.get_state() for name, g in generators.items() if g is not None},
+    }
+
+
+def restore_rng(states: dict[str, Any], generators: dict[str, torch.Generator | None]) -> None:
+    random.setstate(states["python"])
+    keys, pos, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state(
+        ("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian)
+    )
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    for name, generator in generators.items():
+        if generator is not None:
+            generator.set_state(states["generators"][name])
+
+
+def save_checkpoint(path: Path, fingerprints: dict[str, str], state: dict[str, Any]) -> None:
+    save_torch({"format": CHECKPOINT_FORMAT, "fingerprints": fingerprints, **state}, path)
+
+
+def load_checkpoint(
+    path: Path, fingerprints: dict[str, str], log: logging.Logger | logging.LoggerAdapter
+) -> dict[str, Any] | None:
+    """The checkpoint at `path` if it belongs to these fingerprints; else None, saying why."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        state = load_torch(path)
+    except Exception as exc:  # a pickle with code in it, a foreign format: never executed
+        log.warning(
+            "ignoring checkpoint %s: it cannot be loaded safely (%s)",
+            path,
+            str(exc).splitlines()[0],
+        )
+        return None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        log.warning(
+            "ignoring checkpoint %s: not a format-%d train checkpoint", path, CHECKPOINT_FORMAT
+        )
+        return None
+    for what, expected in fingerprints.items():
+        if state["fingerprints"].get(what) != expected:
+            log.warning("ignoring checkpoint %s: it belongs to other %s", path, what)
+            return None
+    return state
