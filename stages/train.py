@@ -76,6 +76,10 @@ def make_scheduler(
     return None
 
 
+# Batches between checks for a non-finite loss: divergence stops training within this many.
+FINITE_CHECK_EVERY = 32
+
+
 @dataclass
 class EpochRecord:
     """One epoch's batch losses (left on the device: no sync per batch) and learning rates."""
@@ -88,9 +92,9 @@ class EpochRecord:
         sizes = torch.tensor(self.sizes, dtype=torch.float32, device=self.losses[0].device)
         return ((torch.stack(self.losses) * sizes).sum() / sizes.sum()).item()
 
-    def first_non_finite(self) -> int | None:
-        bad = (~torch.isfinite(torch.stack(self.losses))).nonzero()
-        return int(bad[0]) if len(bad) else None
+    def first_non_finite(self, start: int = 0) -> int | None:
+        bad = (~torch.isfinite(torch.stack(self.losses[start:]))).nonzero()
+        return start + int(bad[0]) if len(bad) else None
 
     def to_state(self) -> dict[str, Any]:
         losses = torch.stack(self.losses).cpu() if self.losses else torch.zeros(0)
@@ -128,8 +132,10 @@ def train_loop(
     return record
 
 
-def require_finite(record: EpochRecord, epoch: int, steps_per_epoch: int, p: TrainParams) -> None:
-    batch = record.first_non_finite()
+def require_finite(
+    record: EpochRecord, epoch: int, steps_per_epoch: int, p: TrainParams, start: int = 0
+) -> None:
+    batch = record.first_non_finite(start)
     if batch is None:
         return
     step = (epoch - 1) * steps_per_epoch + batch + 1
@@ -212,8 +218,11 @@ def train(
             "rng": capture_rng(generators),
         })  # fmt: skip
 
-    def every_n_steps(record: EpochRecord) -> None:
-        if p.checkpoint_every_steps and len(record.losses) % p.checkpoint_every_steps == 0:
+    def after_batch(record: EpochRecord) -> None:
+        done = len(record.losses)
+        if done % FINITE_CHECK_EVERY == 0:  # a device sync every few batches, not every batch
+            require_finite(record, epoch, steps_per_epoch, p, start=done - FINITE_CHECK_EVERY)
+        if p.checkpoint_every_steps and done % p.checkpoint_every_steps == 0:
             require_finite(record, epoch, steps_per_epoch, p)  # never checkpoint a diverged model
             checkpoint(record)
 
@@ -227,7 +236,7 @@ def train(
             order_generator.set_state(order)
             train_loader.batch_sampler.skip = len(record.losses)
             record = train_loop(
-                train_loader, model, loss_fn, optimizer, scheduler, record, every_n_steps
+                train_loader, model, loss_fn, optimizer, scheduler, record, after_batch
             )
             require_finite(record, epoch, steps_per_epoch, p)
             val_loss, predictions = test_loop(val_loader, model)

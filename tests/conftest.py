@@ -274,6 +274,10 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, real_mirror: Path) -> tup
 @pytest.fixture
 def pipeline_copy(pipeline: tuple[Path, str], tmp_path: Path) -> Path:
     """A private copy of the reproduced pipeline (DVC cache included) for tests that change it."""
-    dest = tmp_path / "repo"
-    shutil.copytree(pipeline[0], dest, symlinks=True, ignore=shutil.ignore_patterns("tmp"))
+    return clone_pipeline(pipeline[0], tmp_path / "repo")
+
+
+def clone_pipeline(source: Path, dest: Path) -> Path:
+    """A copy of a reproduced repo, DVC cache included, without DVC's locks and state."""
+    shutil.copytree(source, dest, symlinks=True, ignore=shutil.ignore_patterns("tmp"))
     return dest

@@ -1,0 +1,167 @@
+"""SIGKILL at random moments, resume, and two runners at once, with the real `dvc repro`.
+
+Set KILL_SEED to replay a given sequence of kill moments.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from .conftest import SMALL, clone_pipeline, copy_repo, dvc, edit_params, stages_run, tool_env
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+STAGES = ["download", "preprocess", "train", "evaluate", "export"]
+# Roughly how long each stage works after logging "starting" on this 2-core machine, with the
+# small params: kills are drawn uniformly inside this window.
+WORK_S = {"download": 1.0, "preprocess": 2.0, "train": 4.0, "evaluate": 2.0, "export": 1.0}
+CHECKPOINT = Path("models/checkpoints/train.pt")
+FIRST_RUN_KILLS = {"train": 2}  # twice for train: a resume of a resumed run
+LEFTOVER = re.compile(r"^\.[\w.-]+\.\d+\.\w+\.tmp$")  # stages/artifacts.py's temporary names
+
+
+class Runner:
+    """`dvc repro ARGS` in its own process group, its merged output read line by line."""
+
+    def __init__(self, repo: Path, *args: str, **env: str) -> None:
+        self.process = subprocess.Popen(
+            ["dvc", "repro", *args], cwd=repo, env=tool_env(**env), text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float = 120) -> bool:
+        """True once `text` appears in the output; False if the process ended first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in self.lines):
+                return True
+            if self.process.poll() is not None:
+                self.reader.join()
+                return any(text in line for line in self.lines)
+            time.sleep(0.02)
+        raise AssertionError(f"no {text!r} within {timeout} s:\n{self.output}")
+
+    def kill(self) -> bool:
+        """SIGKILL to the whole group (dvc and the stage); False if it had already exited."""
+        if self.process.poll() is not None:
+            return False
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        return True
+
+    def finish(self, timeout: float = 300) -> int:
+        code = self.process.wait(timeout=timeout)
+        self.reader.join()
+        return code
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def outs_by_stage(repo: Path) -> dict[str, list]:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    return {name: stage["outs"] for name, stage in lock.items()}
+
+
+def test_train_killed_mid_epoch_resumes_to_the_same_weights(
+    pipeline: tuple[Path, str], tmp_path: Path
+) -> None:
+    changed = {"train": {"epochs": 2, "checkpoint_every_steps": 100, "learning_rate": 0.05}}
+    unbroken = clone_pipeline(pipeline[0], tmp_path / "unbroken")
+    killed = clone_pipeline(pipeline[0], tmp_path / "killed")
+    for repo in (unbroken, killed):
+        edit_params(repo, **changed)
+    dvc(unbroken, "repro", "train")
+
+    runner = Runner(killed, "train")
+    deadline = time.monotonic() + 120
+    while not (killed / CHECKPOINT).exists():  # the first checkpoint: 100 batches in
+        assert runner.process.poll() is None, runner.output
+        assert time.monotonic() < deadline, runner.output
+        time.sleep(0.02)
+    time.sleep(random.Random(os.environ.get("KILL_SEED", "0")).uniform(0.0, 1.0))
+    assert runner.kill(), "train finished before the kill"
+    position = torch.load(killed / CHECKPOINT, weights_only=True)
+    resumed = dvc(killed, "repro", "train")
+    assert "resuming from models/checkpoints/train.pt: epoch " in resumed.stderr
+    assert f"epoch {position['epoch']}, batch {len(position['record']['sizes'])}" in resumed.stderr
+    weights = "models/train/model_weights.pth"
+    assert (killed / weights).read_bytes() == (unbroken / weights).read_bytes()
+    assert (killed / "dvc.lock").read_bytes() == (unbroken / "dvc.lock").read_bytes()
+    assert not (killed / CHECKPOINT).exists()
+
+
+def test_sigkill_at_random_moments_in_every_stage_loses_nothing(
+    pipeline: tuple[Path, str], tmp_path: Path, real_mirror: Path
+) -> None:
+    """Each stage is killed on its first run (so it has no outs yet; train twice) and while a
+    forced rerun replaces outs it already has. After every kill the outs DVC recorded are
+    intact, and `dvc repro` finishes with the unbroken run's hashes. A killed writer's
+    temporaries may stay (git ignores them) until that out is next written."""
+    rng = random.Random(int(os.environ.get("KILL_SEED", "0")))
+    expected = outs_by_stage(pipeline[0])
+    repo = copy_repo(tmp_path / "repo")
+    edit_params(repo, **SMALL)
+    mirror = {"FMNIST_MIRROR": str(real_mirror)}
+    kills: list[str] = []
+    for stage in STAGES:
+        for _ in range(FIRST_RUN_KILLS.get(stage, 1)):
+            runner = Runner(repo, stage, **mirror)
+            assert runner.wait_for(f"{stage}: starting"), runner.output
+            time.sleep(rng.uniform(0, WORK_S[stage]))
+            if runner.kill():
+                kills.append(stage)
+        finished = dvc(repo, "repro", stage, **mirror)
+        assert stage in stages_run(finished.stdout) or "didn't change" in finished.stdout
+        assert outs_by_stage(repo)[stage] == expected[stage]
+
+        runner = Runner(repo, "--force", "--single-item", stage, **mirror)
+        assert runner.wait_for(f"{stage}: starting"), runner.output
+        time.sleep(rng.uniform(0, WORK_S[stage]))
+        if runner.kill():
+            kills.append(f"{stage} (forced rerun)")
+        status = dvc(repo, "status", stage)  # the recorded outs are still there, whole
+        assert "Data and pipelines are up to date" in status.stdout, status.stdout
+    final = dvc(repo, "repro", **mirror)
+    assert outs_by_stage(repo) == expected
+    assert "Data and pipelines are up to date" in dvc(repo, "status").stdout, final.stdout
+    leftovers = [p for p in repo.rglob("*.tmp") if ".dvc" not in p.parts]
+    assert all(LEFTOVER.match(p.name) for p in leftovers), leftovers
+    ignored = subprocess.run(["git", "check-ignore", *map(str, leftovers)], cwd=repo,
+                             capture_output=True, text=True).stdout.split()  # fmt: skip
+    assert len(ignored) == len(leftovers), leftovers
+    print(f"kills ({len(kills)}): {', '.join(kills)}")
+    assert len(kills) >= 7, kills  # most draws land inside the stage's work
+
+
+def test_a_second_dvc_repro_fails_fast_with_busy(pipeline_copy: Path) -> None:
+    edit_params(pipeline_copy, train={"learning_rate": 0.05})
+    first = Runner(pipeline_copy)
+    assert first.wait_for("train: starting"), first.output
+    started = time.monotonic()
+    second = dvc(pipeline_copy, "repro", check=False)
+    waited = time.monotonic() - started
+    assert second.returncode != 0
+    assert "is busy" in second.stderr, second.stderr
+    assert waited < 15
+    assert first.finish() == 0, first.output
+    assert "Data and pipelines are up to date" in dvc(pipeline_copy, "status").stdout
