@@ -36,7 +36,7 @@ def main() -> None:
         for seed in args.seeds:
             out = Path(tmp) / str(seed)
             train.fn(params.model_copy(update={"seed": seed}), PROCESSED_DIR,
-                     out / "model_weights.pth", out / "live")  # fmt: skip
+                     out / "model_weights.pth", out / "live", out / "checkpoint.pt")  # fmt: skip
             model = load_model(out / "model_weights.pth", params.train.hidden_sizes, device)
             _, predictions = test_loop(make_loader(test_data, 1000, shuffle=False), model)
             accuracies.append(

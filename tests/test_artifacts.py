@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,37 @@ def test_a_malicious_pickle_is_refused_and_never_run(tmp_path: Path) -> None:
     with pytest.raises(SplitFormatError, match="not a readable tensor file"):
         load_split(tmp_path / "processed", "test")
     assert not marker.exists()
+
+
+def test_a_killed_writers_leftovers_are_cleared_on_the_next_write(tmp_path: Path) -> None:
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    dest = tmp_path / "model_weights.pth"
+    stale_file = tmp_path / f".model_weights.pth.{dead.pid}.abcd1234.tmp"
+    stale_file.write_bytes(b"half")
+    live = tmp_path / f".model_weights.pth.{os.getpid()}.efgh5678.tmp"  # a writer still running
+    live.write_bytes(b"busy")
+    save_torch({"w": torch.zeros(2)}, dest)
+    assert not stale_file.exists() and live.exists()
+
+    folder = tmp_path / "raw"
+    stale_dir = tmp_path / f".raw.{dead.pid}.abcd1234.tmp"
+    stale_dir.mkdir()
+    (stale_dir / "part").write_text("half")
+    (tmp_path / ".raw.old").mkdir()  # killed between atomic_dir's two renames: the old folder
+    (tmp_path / ".raw.old" / "a").write_text("old")
+    with atomic_dir(folder) as staging:
+        (staging / "a").write_text("new")
+    assert (folder / "a").read_text() == "new"
+    assert not stale_dir.exists() and not (tmp_path / ".raw.old").exists()
+
+
+def test_an_unwritable_folder_is_named_before_any_work(tmp_path: Path) -> None:
+    from stages.artifacts import OutputError, require_writable
+
+    blocker = tmp_path / "models"
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(OutputError, match=r"models/train/w.pth: cannot write into .*models/train/"):
+        require_writable(blocker / "train" / "w.pth")

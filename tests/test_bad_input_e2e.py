@@ -143,7 +143,9 @@ def pickled_code(repo: Path, tmp: Path, mirror: Path) -> tuple[list[str], dict[s
 
 
 CASES: list[tuple[str, Setup, str]] = [
-    ("yaml-syntax", params_text("train: [epochs: 1\n"), "params.yaml"),
+    ("yaml-syntax", params_text("train: [epochs: 1\n"),
+     "'params.yaml', YAML file structure is corrupted: while parsing a flow sequence\n"
+     '  in "<unicode string>", line 1, column 8'),
     ("unknown-key", params(train={"lerning_rate": 0.01}),
      "train.lerning_rate = 0.01: unknown key; allowed keys here: epochs, batch_size"),
     ("wrong-type", params(train={"epochs": "ten"}),

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -41,3 +43,21 @@ def test_zero_threads_means_physical_cores() -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_deterministic_mode_turns_on_deterministic_algorithms(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from stages.device import configure_determinism
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    configure_determinism(False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    try:
+        configure_determinism(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False

@@ -210,3 +210,18 @@ def test_checkpoint_frequency_does_not_change_the_weights(
     train.fn(resumable.model_copy(update={"train": every_step}), processed_dir,
              tmp_path / "b.pth", tmp_path / "lb", tmp_path / "cb.pt")  # fmt: skip
     assert (tmp_path / "a.pth").read_bytes() == (tmp_path / "b.pth").read_bytes()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
+def test_deterministic_cuda_training_is_byte_identical(
+    tmp_path: Path, processed_dir: Path, small_params: Params
+) -> None:
+    p = small_params.train.model_copy(update={"deterministic": True})
+    params = small_params.model_copy(update={"device": "cuda", "train": p})
+    try:
+        for name in ("a", "b"):
+            train.fn(params, processed_dir, tmp_path / f"{name}.pth", tmp_path / f"l{name}",
+                     tmp_path / f"c{name}.pt")  # fmt: skip
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert (tmp_path / "a.pth").read_bytes() == (tmp_path / "b.pth").read_bytes()
