@@ -18,6 +18,8 @@ import pytest
 import torch
 import yaml
 
+from stages.artifacts import file_digest
+
 from .conftest import SMALL, clone_pipeline, copy_repo, dvc, edit_params, stages_run, tool_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -105,6 +107,8 @@ def test_train_killed_mid_epoch_resumes_to_the_same_weights(
     assert "resuming from models/checkpoints/train.pt: epoch " in resumed.stderr
     assert f"epoch {position['epoch']}, batch {len(position['record']['sizes'])}" in resumed.stderr
     weights = "models/train/model_weights.pth"
+    for name, repo in (("unbroken", unbroken), ("killed and resumed", killed)):
+        print(f"{name}: {weights} sha256 {file_digest(repo / weights, 'sha256')}")
     assert (killed / weights).read_bytes() == (unbroken / weights).read_bytes()
     assert (killed / "dvc.lock").read_bytes() == (unbroken / "dvc.lock").read_bytes()
     assert not (killed / CHECKPOINT).exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stages.artifacts import file_digest
 from stages.model import NeuralNetwork
 
 from .conftest import REPO, dvc, edit_params, run, stages_run, tool_env
@@ -66,6 +68,10 @@ def test_forced_rerun_is_byte_identical(pipeline_copy: Path, real_mirror: Path) 
     lock = (pipeline_copy / "dvc.lock").read_bytes()
     result = dvc(pipeline_copy, "repro", "--force", FMNIST_MIRROR=str(real_mirror))
     assert stages_run(result.stdout) == ["download", "preprocess", "train", "evaluate", "export"]
+    weights = pipeline_copy / "models/train/model_weights.pth"
+    print(f"forced rerun: dvc.lock sha256 {hashlib.sha256(lock).hexdigest()} before, "
+          f"{file_digest(pipeline_copy / 'dvc.lock', 'sha256')} after; "
+          f"weights sha256 {file_digest(weights, 'sha256')}")  # fmt: skip
     assert (pipeline_copy / "dvc.lock").read_bytes() == lock
 
 
