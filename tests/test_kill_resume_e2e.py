@@ -20,7 +20,16 @@ import yaml
 
 from stages.artifacts import file_digest
 
-from .conftest import SMALL, clone_pipeline, copy_repo, dvc, edit_params, stages_run, tool_env
+from .conftest import (
+    SMALL,
+    clone_pipeline,
+    copy_repo,
+    dvc,
+    edit_params,
+    run,
+    stages_run,
+    tool_env,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -84,8 +93,9 @@ def outs_by_stage(repo: Path) -> dict[str, list]:
     return {name: stage["outs"] for name, stage in lock.items()}
 
 
+@pytest.mark.parametrize("resume_with", ["dvc repro", "flow"])
 def test_train_killed_mid_epoch_resumes_to_the_same_weights(
-    pipeline: tuple[Path, str], tmp_path: Path
+    pipeline: tuple[Path, str], tmp_path: Path, resume_with: str, request: pytest.FixtureRequest
 ) -> None:
     changed = {"train": {"epochs": 2, "checkpoint_every_steps": 100, "learning_rate": 0.05}}
     unbroken = clone_pipeline(pipeline[0], tmp_path / "unbroken")
@@ -103,12 +113,18 @@ def test_train_killed_mid_epoch_resumes_to_the_same_weights(
     time.sleep(random.Random(os.environ.get("KILL_SEED", "0")).uniform(0.0, 1.0))
     assert runner.kill(), "train finished before the kill"
     position = torch.load(killed / CHECKPOINT, weights_only=True)
-    resumed = dvc(killed, "repro", "train")
-    assert "resuming from models/checkpoints/train.pt: epoch " in resumed.stderr
-    assert f"epoch {position['epoch']}, batch {len(position['record']['sizes'])}" in resumed.stderr
+    if resume_with == "dvc repro":
+        resumed = dvc(killed, "repro", "train")
+    else:
+        api = request.getfixturevalue("prefect_server")
+        resumed = run(["python", "-m", "flows.pipeline", "--target", "train"], killed,
+                      tool_env(PREFECT_API_URL=api))  # fmt: skip
+    output = resumed.stdout + resumed.stderr
+    assert "resuming from models/checkpoints/train.pt: epoch " in output
+    assert f"epoch {position['epoch']}, batch {len(position['record']['sizes'])}" in output
     weights = "models/train/model_weights.pth"
     for name, repo in (("unbroken", unbroken), ("killed and resumed", killed)):
-        print(f"{name}: {weights} sha256 {file_digest(repo / weights, 'sha256')}")
+        print(f"{resume_with}, {name}: {weights} sha256 {file_digest(repo / weights, 'sha256')}")
     assert (killed / weights).read_bytes() == (unbroken / weights).read_bytes()
     assert (killed / "dvc.lock").read_bytes() == (unbroken / "dvc.lock").read_bytes()
     assert not (killed / CHECKPOINT).exists()
