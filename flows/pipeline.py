@@ -3,7 +3,7 @@
 The whole pipeline as one Prefect flow, `fashion-mnist-pipeline`, sharing DVC's truth.
 
 DVC decides everything `dvc repro` decides: the stage graph and its order, which stages are up
-to date, the run cache, and what goes into dvc.lock and the DVC cache. The flow only changes how
+to date, and what goes into dvc.lock and the DVC cache. The flow only changes how
 a stage's command runs: instead of a `python -m stages.<name>` subprocess it calls that module's
 Prefect task in-process, so each stage is a real task run with its logs in the UI. A stage DVC
 finds up to date becomes a task run in a Completed state named `Cached`, with the reason.
@@ -94,7 +94,7 @@ def in_process_commands(params: Params, log: RunLog) -> Iterator[None]:
 
     DVC's run_stage() calls `unlocked_repo(cmd_run)(stage)`: both names are looked up in
     dvc.stage.run when a stage runs, so replacing them there swaps only the execution. Everything
-    around it (removing old outs, the run cache, saving, committing) stays DVC's own.
+    around it (handling the persisted outs, saving, committing) stays DVC's own.
     """
     import dvc.stage.run as dvc_run
 

@@ -42,7 +42,10 @@ def remove_stale_temps(dest: Path) -> None:
     for leftover in dest.parent.glob(f".{dest.name}.*"):
         match = pattern.match(leftover.name)
         if match and not psutil.pid_exists(int(match.group(1))):
-            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
     old = dest.with_name(f".{dest.name}.old")
     if old.exists() and not dest.exists():  # killed between atomic_dir's two renames
         os.replace(old, dest)
@@ -81,6 +84,18 @@ def atomic_path(dest: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def _keep_git_ignores(old: Path, new: Path) -> None:
+    # DVC writes .gitignore files into folders that hold outs (reports/train/ holds two), and git
+    # tracks them: a folder swapped in must carry them over, or the outs show up in `git status`.
+    if not old.is_dir():
+        return
+    for ignore in old.rglob(".gitignore"):
+        target = new / ignore.relative_to(old)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ignore, target)
+
+
 @contextmanager
 def atomic_dir(dest: Path) -> Iterator[Path]:
     """Yields an empty temporary folder beside dest; it replaces dest only if the block succeeds."""
@@ -90,6 +105,7 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
+        _keep_git_ignores(dest, tmp)
         for child in tmp.rglob("*"):
             if child.is_file():
                 _fsync(child)
@@ -125,6 +141,17 @@ def save_torch(obj: Any, dest: Path) -> None:
 def load_torch(path: Path) -> Any:
     """Loads tensors and plain containers only: weights_only refuses pickled code."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+STAGES_SOURCE = Path(__file__).resolve().parent
+
+
+def source_digest() -> str:
+    """sha256 over the stage code (stages/*.py): which code produced an artifact."""
+    digest = hashlib.sha256()
+    for path in sorted(STAGES_SOURCE.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def file_digest(path: Path, algorithm: str = "md5") -> str:

@@ -3,9 +3,10 @@
 The train stage writes one atomically at the end of each epoch (and every
 `train.checkpoint_every_steps` batches) to models/checkpoints/train.pt. That path is outside
 every DVC out, so a checkpoint never makes DVC see the stage as changed. Each checkpoint carries
-a hash of the params and one of the data it belongs to. A checkpoint that belongs to other
-params or data, or that cannot be loaded safely, is ignored with a log line saying why. The
-stage deletes the checkpoint once the final weights are written.
+fingerprints of the params, the data and the code (with torch's version, the device and the
+thread count) it belongs to. A checkpoint that belongs to others, or that cannot be loaded
+safely, is ignored with a log line saying why. The stage deletes the checkpoint once the final
+weights are written.
 """
 
 from __future__ import annotations
@@ -20,23 +21,35 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.artifacts import file_digest, load_torch, save_torch
+from stages.artifacts import file_digest, load_torch, save_torch, source_digest
 from stages.config import Params
 
 CHECKPOINT_FORMAT = 1
+REQUIRED_KEYS = {"fingerprints", "epoch", "order", "record", "history", "model", "optimizer",
+                 "scheduler", "rng"}  # fmt: skip
 # Settings that change how often checkpoints are written, not what training computes.
 NOT_FINGERPRINTED = {"checkpoint_every_steps"}
 
 
-def params_fingerprint(params: Params, device: torch.device) -> str:
-    """sha256 of every setting that shapes the trained weights and the logged curves."""
-    relevant = {
-        "seed": params.seed,
-        "device": str(device),
-        "train": params.train.model_dump(exclude=NOT_FINGERPRINTED),
-        "evaluate": params.evaluate.model_dump(),
-    }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+def fingerprints(
+    params: Params, device: torch.device, num_threads: int, processed_dir: Path
+) -> dict[str, str]:
+    """What a checkpoint must match to be resumed: the params, the data and the code."""
+    return {
+        "params": _sha256_json({
+            "seed": params.seed,
+            "train": params.train.model_dump(exclude=NOT_FINGERPRINTED),
+            "evaluate": params.evaluate.model_dump(),
+        }),
+        "data": data_fingerprint(processed_dir),
+        # The thread count changes how CPU kernels split their sums, so it is part of the run.
+        "code": _sha256_json({"stages": source_digest(), "torch": torch.__version__,
+                              "device": str(device), "threads": num_threads}),
+    }  # fmt: skip
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def data_fingerprint(processed_dir: Path) -> str:
@@ -48,8 +61,11 @@ def data_fingerprint(processed_dir: Path) -> str:
     return hashlib.sha256(" ".join(digests).encode()).hexdigest()
 
 
-def capture_rng(generators: dict[str, torch.Generator | None]) -> dict[str, Any]:
-    """Every RNG state: Python's, NumPy's, torch's (CPU and CUDA) and the named generators'."""
+def capture_rng(
+    generators: dict[str, torch.Generator | None], device: torch.device
+) -> dict[str, Any]:
+    """Every RNG state: Python's, NumPy's, torch's (CPU, and the CUDA device trained on) and the
+    named generators'."""
     _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -61,31 +77,33 @@ def capture_rng(generators: dict[str, torch.Generator | None]) -> dict[str, Any]
             float(cached_gaussian),
         ],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "generators": {name: g.get_state() for name, g in generators.items() if g is not None},
     }
 
 
-def restore_rng(states: dict[str, Any], generators: dict[str, torch.Generator | None]) -> None:
+def restore_rng(
+    states: dict[str, Any], generators: dict[str, torch.Generator | None], device: torch.device
+) -> None:
     random.setstate(states["python"])
     keys, pos, has_gauss, cached_gaussian = states["numpy"]
     np.random.set_state(
         ("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian)
     )
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if states["cuda"] is not None:  # the fingerprint guarantees the same device
+        torch.cuda.set_rng_state(states["cuda"], device)
     for name, generator in generators.items():
         if generator is not None:
             generator.set_state(states["generators"][name])
 
 
-def save_checkpoint(path: Path, fingerprints: dict[str, str], state: dict[str, Any]) -> None:
-    save_torch({"format": CHECKPOINT_FORMAT, "fingerprints": fingerprints, **state}, path)
+def save_checkpoint(path: Path, expected: dict[str, str], state: dict[str, Any]) -> None:
+    save_torch({"format": CHECKPOINT_FORMAT, "fingerprints": expected, **state}, path)
 
 
 def load_checkpoint(
-    path: Path, fingerprints: dict[str, str], log: logging.Logger | logging.LoggerAdapter
+    path: Path, expected: dict[str, str], log: logging.Logger | logging.LoggerAdapter
 ) -> dict[str, Any] | None:
     """The checkpoint at `path` if it belongs to these fingerprints; else None, saying why."""
     path = Path(path)
@@ -100,13 +118,18 @@ def load_checkpoint(
             str(exc).splitlines()[0],
         )
         return None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    if (
+        not isinstance(state, dict)
+        or state.get("format") != CHECKPOINT_FORMAT
+        or not state.keys() >= REQUIRED_KEYS
+    ):
         log.warning(
             "ignoring checkpoint %s: not a format-%d train checkpoint", path, CHECKPOINT_FORMAT
         )
         return None
-    for what, expected in fingerprints.items():
-        if state["fingerprints"].get(what) != expected:
+    found = state["fingerprints"] if isinstance(state["fingerprints"], dict) else {}
+    for what, fingerprint in expected.items():
+        if found.get(what) != fingerprint:
             log.warning("ignoring checkpoint %s: it belongs to other %s", path, what)
             return None
     return state

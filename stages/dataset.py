@@ -163,7 +163,11 @@ def make_loader(
 ) -> DataLoader:
     """A standard DataLoader whose batches are gathered by `__getitems__` in one indexing op."""
     sampler = IndexBatchSampler(len(dataset), batch_size, shuffle, generator)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=_whole_batch)
+    # Its own generator: each new iterator draws a base seed, which must not move torch's global
+    # RNG (a resumed epoch starts one more iterator than an unbroken one).
+    return DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=_whole_batch, generator=torch.Generator()
+    )
 
 
 def load_stats(processed_dir: Path) -> tuple[float, float]:

@@ -60,10 +60,10 @@ def configure_determinism(deterministic: bool) -> None:
     The CPU path is deterministic without it. cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it
     creates its handle, so this must run before the first CUDA matmul.
     """
-    if not deterministic:
-        return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
+    # Set both ways: the flow runs several stages in one process.
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    log.info("deterministic algorithms on")
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        log.info("deterministic algorithms on")

@@ -9,7 +9,6 @@ normalisation, the raw data checksums and the code version.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from importlib.metadata import version
 from pathlib import Path
@@ -25,6 +24,7 @@ from stages.artifacts import (
     file_digest,
     require_writable,
     save_torch,
+    source_digest,
     write_json,
     write_text,
 )
@@ -41,7 +41,6 @@ from stages.errors import StageError
 from stages.model import load_model
 from stages.runtime import run_cli, stage_logger
 
-STAGES_SOURCE = Path(__file__).resolve().parent
 CARD_PARAMS = {"seed", "device", "preprocess", "train", "export"}
 # What this stage writes into models/ (dvc.yaml lists the same files).
 OUT_FILES = ("model_weights.pth", "model.safetensors", "model_card.json", "model_card.md")
@@ -53,13 +52,7 @@ def code_version() -> dict[str, str]:
     Not the git commit: the card is a DVC out, and a commit recorded in it would change the
     card's hash with every commit, so a rerun on the same code would never match dvc.lock.
     """
-    digest = hashlib.sha256()
-    for path in sorted(STAGES_SOURCE.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return {
-        "package_version": version("fashion-mnist-pipeline"),
-        "stages_sha256": digest.hexdigest(),
-    }
+    return {"package_version": version("fashion-mnist-pipeline"), "stages_sha256": source_digest()}
 
 
 def data_checksums(raw_dir: Path) -> dict[str, dict[str, str]]:

@@ -26,14 +26,13 @@ from tqdm import tqdm
 from stages.artifacts import atomic_dir, require_writable, save_torch
 from stages.checkpoint import (
     capture_rng,
-    data_fingerprint,
+    fingerprints,
     load_checkpoint,
-    params_fingerprint,
     restore_rng,
     save_checkpoint,
 )
 from stages.config import CHECKPOINT, LIVE_DIR, PROCESSED_DIR, TRAINED_WEIGHTS, Params, TrainParams
-from stages.dataset import ShiftFlip, load_dataset, make_loader
+from stages.dataset import IndexBatchSampler, ShiftFlip, load_dataset, make_loader
 from stages.device import configure_determinism, configure_threads, resolve_device
 from stages.errors import StageError
 from stages.model import NeuralNetwork, test_loop
@@ -171,7 +170,7 @@ def train(
     p = params.train
     configure_determinism(p.deterministic)
     device = resolve_device(params.device)
-    configure_threads(p.num_threads)
+    num_threads = configure_threads(p.num_threads)
     require_writable(weights_path, live_dir, checkpoint_path)
     order_generator = seed_everything(params.seed)
     augment = make_augment(p, params.seed)
@@ -189,42 +188,45 @@ def train(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
     optimizer = make_optimizer(model, p)
     scheduler = make_scheduler(optimizer, p, steps_per_epoch)
-    generators = {"order": order_generator, "augment": augment and augment.generator}
-    fingerprints = {
-        "params": params_fingerprint(params, device),
-        "data": data_fingerprint(processed_dir),
+    generators = {
+        "order": order_generator,
+        "augment": augment.generator if augment is not None else None,
     }
+    expected = fingerprints(params, device, num_threads, processed_dir)
+    sampler = train_loader.batch_sampler
+    assert isinstance(sampler, IndexBatchSampler)
 
     # Where training stands: the epoch in progress, the batch-order state it started from, the
     # batches it has done, and every finished epoch's metrics.
     epoch, order, record, history = 1, order_generator.get_state(), EpochRecord(), []
-    resumed = load_checkpoint(checkpoint_path, fingerprints, log)
+    resumed = load_checkpoint(checkpoint_path, expected, log)
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(resumed["scheduler"])
-        restore_rng(resumed["rng"], generators)
+        restore_rng(resumed["rng"], generators, device)
         epoch, order, history = resumed["epoch"], resumed["order"], resumed["history"]
         record = EpochRecord.from_state(resumed["record"], device)
         log.info("resuming from %s: epoch %d, batch %d of %d", checkpoint_path, epoch,
                  len(record.losses), steps_per_epoch)  # fmt: skip
 
-    def checkpoint(record: EpochRecord) -> None:
-        save_checkpoint(checkpoint_path, fingerprints, {
-            "epoch": epoch, "order": order, "record": record.to_state(), "history": history,
+    def checkpoint(progress: EpochRecord) -> None:
+        save_checkpoint(checkpoint_path, expected, {
+            "epoch": epoch, "order": order, "record": progress.to_state(), "history": history,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": capture_rng(generators),
+            "rng": capture_rng(generators, device),
         })  # fmt: skip
 
-    def after_batch(record: EpochRecord) -> None:
-        done = len(record.losses)
+    def after_batch(progress: EpochRecord) -> None:
+        done = len(progress.losses)
         if done % FINITE_CHECK_EVERY == 0:  # a device sync every few batches, not every batch
-            require_finite(record, epoch, steps_per_epoch, p, start=done - FINITE_CHECK_EVERY)
-        if p.checkpoint_every_steps and done % p.checkpoint_every_steps == 0:
-            require_finite(record, epoch, steps_per_epoch, p)  # never checkpoint a diverged model
-            checkpoint(record)
+            require_finite(progress, epoch, steps_per_epoch, p, start=done - FINITE_CHECK_EVERY)
+        step = (epoch - 1) * steps_per_epoch + done
+        if p.checkpoint_every_steps and step % p.checkpoint_every_steps == 0:
+            require_finite(progress, epoch, steps_per_epoch, p)  # never checkpoint divergence
+            checkpoint(progress)
 
     log.info("training %d epochs on %d images, batch %d, %s lr %g", p.epochs, len(train_data),
              p.batch_size, p.optimizer, p.learning_rate)  # fmt: skip
@@ -234,7 +236,7 @@ def train(
         bar = tqdm(total=p.epochs, initial=epoch - 1, desc="train", unit="epoch")
         while epoch <= p.epochs:
             order_generator.set_state(order)
-            train_loader.batch_sampler.skip = len(record.losses)
+            sampler.skip = len(record.losses)
             record = train_loop(
                 train_loader, model, loss_fn, optimizer, scheduler, record, after_batch
             )

@@ -100,3 +100,16 @@ def test_an_unwritable_folder_is_named_before_any_work(tmp_path: Path) -> None:
     blocker.write_text("a file where a folder should be")
     with pytest.raises(OutputError, match=r"models/train/w.pth: cannot write into .*models/train/"):
         require_writable(blocker / "train" / "w.pth")
+
+
+def test_a_replaced_folder_keeps_the_gitignore_files_dvc_wrote_into_it(tmp_path: Path) -> None:
+    dest = tmp_path / "train"
+    (dest / "plots").mkdir(parents=True)
+    (dest / ".gitignore").write_text("/metrics.json\n")
+    (dest / "plots" / ".gitignore").write_text("/metrics\n")
+    with atomic_dir(dest) as staging:
+        (staging / "plots").mkdir()
+        (staging / "metrics.json").write_text("{}")
+    assert (dest / ".gitignore").read_text() == "/metrics.json\n"
+    assert (dest / "plots" / ".gitignore").read_text() == "/metrics\n"
+    assert (dest / "metrics.json").exists()

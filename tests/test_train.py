@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import stages.checkpoint
 import stages.train
 from stages.artifacts import load_torch
 from stages.config import Params
@@ -174,7 +175,8 @@ def test_resume_after_interruption_is_byte_identical(
 @pytest.mark.parametrize(
     ("change", "reason"),
     [("params", "it belongs to other params"), ("data", "it belongs to other data"),
-     ("malicious", "it cannot be loaded safely")],
+     ("code", "it belongs to other code"), ("threads", "it belongs to other params"),
+     ("malicious", "it cannot be loaded safely"), ("truncated-format", "not a format-1")],
 )  # fmt: skip
 def test_a_foreign_or_unsafe_checkpoint_is_ignored_saying_why(
     tmp_path: Path, processed_dir: Path, resumable: Params, change: str, reason: str,
@@ -192,6 +194,14 @@ def test_a_foreign_or_unsafe_checkpoint_is_ignored_saying_why(
     elif change == "data":
         stats = processed_dir / "stats.json"
         stats.write_text(stats.read_text().replace('"mean": 0.', '"mean": 0.0'))
+    elif change == "code":
+        monkeypatch.setattr(stages.checkpoint, "source_digest", lambda: "edited stage code")
+    elif change == "threads":
+        params = resumable.model_copy(
+            update={"train": resumable.train.model_copy(update={"num_threads": 2})}
+        )
+    elif change == "truncated-format":
+        torch.save({"format": 1, "model": {}}, checkpoint)
     else:
         torch.save({"format": 1, "model": _Payload(marker)}, checkpoint)
     with caplog.at_level(logging.INFO, logger="stages.train"):
