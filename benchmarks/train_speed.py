@@ -1,4 +1,4 @@
-"""python benchmarks/train_speed.py [--samples 30000] [--device auto]
+"""python benchmarks/train_speed.py [--samples 30000] [--rounds 3] [--device auto]
 
 Training throughput, three ways, in one process, on the same number of samples after a warm-up:
   (a) tutorial: torchvision FashionMNIST -> ToTensor -> DataLoader(shuffle=True), SGD lr 1e-3;
@@ -7,8 +7,10 @@ Training throughput, three ways, in one process, on the same number of samples a
                 with the same SGD step, so c/b measures what the data path costs;
 and (c') stage_default: the same loop with the default params' optimizer, schedule and
 augmentation, for what a default run really does.
-Runs at batch 64 and at the default batch size and prints one JSON line. Needs data/raw and
-data/processed (`dvc repro preprocess`).
+Runs at batch 64 and at the default batch size and prints one JSON line. The loops take turns,
+round after round, and each reports its median: a slow spell on a shared machine then hits every
+loop alike instead of skewing one ratio. Needs data/raw and data/processed
+(`dvc repro preprocess`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -70,10 +73,10 @@ def samples_per_second(run: Callable[[int], None], batch_size: int, samples: int
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def measure(batch_size: int, samples: int, device: torch.device, tutorial_root: Path | None
-            ) -> dict[str, float]:  # fmt: skip
+def measure(batch_size: int, samples: int, rounds: int, device: torch.device,
+            tutorial_root: Path | None) -> dict[str, float]:  # fmt: skip
     params = load_params()
-    result: dict[str, float] = {}
+    runs: dict[str, Callable[[int], None]] = {}
     torch.manual_seed(0)
 
     def fresh_sgd() -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -83,48 +86,52 @@ def measure(batch_size: int, samples: int, device: torch.device, tutorial_root: 
     if tutorial_root is not None:  # (a) only at batch 64, on the CPU as the tutorial runs it
         data = datasets.FashionMNIST(tutorial_root, train=True, download=True, transform=ToTensor())
         loader = DataLoader(data, batch_size=batch_size, shuffle=True)
-        model, optimizer = fresh_sgd()
+        tutorial_model, tutorial_optimizer = fresh_sgd()
 
         def tutorial(n: int) -> None:
             batches = ((x.to(device), y.to(device)) for x, y in limited(loader, n))
-            sgd_step_loop(batches, model, optimizer)
+            sgd_step_loop(batches, tutorial_model, tutorial_optimizer)
 
-        result["tutorial_sps"] = samples_per_second(tutorial, batch_size, samples, device)
+        runs["tutorial"] = tutorial
 
     # (b) no data path at all: batches are views of tensors already on the device.
     x_all = torch.randn(samples + 20 * batch_size, 1, 28, 28, device=device)
     y_all = torch.randint(0, 10, (x_all.shape[0],), device=device)
-    model, optimizer = fresh_sgd()
+    limit_model, limit_optimizer = fresh_sgd()
 
     def limit(n: int) -> None:
         sgd_step_loop(((x_all[i * batch_size:(i + 1) * batch_size],
                         y_all[i * batch_size:(i + 1) * batch_size]) for i in range(n)),
-                      model, optimizer)  # fmt: skip
+                      limit_model, limit_optimizer)  # fmt: skip
 
-    result["limit_sps"] = samples_per_second(limit, batch_size, samples, device)
+    runs["limit"] = limit
 
     # (c) the stage's data path and loop, same model and SGD step.
     train_data = load_dataset(PROCESSED_DIR, "train", device)
-    loader = make_loader(train_data, batch_size, shuffle=True, generator=torch.Generator())
-    model, optimizer = fresh_sgd()
+    stage_loader = make_loader(train_data, batch_size, shuffle=True, generator=torch.Generator())
+    stage_model, stage_optimizer = fresh_sgd()
     loss_fn = nn.CrossEntropyLoss()
-    result["stage_sps"] = samples_per_second(
-        lambda n: train_loop(limited(loader, n), model, loss_fn, optimizer), batch_size, samples,
-        device,
-    )  # fmt: skip
+    runs["stage"] = lambda n: train_loop(limited(stage_loader, n), stage_model, loss_fn,
+                                         stage_optimizer)  # fmt: skip
 
     # (c') the same loop as the default params configure it.
     p = params.train
-    train_data = load_dataset(PROCESSED_DIR, "train", device, make_augment(p, params.seed))
-    loader = make_loader(train_data, batch_size, shuffle=True, generator=torch.Generator())
-    model = NeuralNetwork(p.hidden_sizes).to(device)
-    optimizer = make_optimizer(model, p)
-    scheduler = make_scheduler(optimizer, p, len(loader))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
-    result["stage_default_sps"] = samples_per_second(
-        lambda n: train_loop(limited(loader, n), model, loss_fn, optimizer, scheduler),
-        batch_size, samples, device,
-    )  # fmt: skip
+    default_data = load_dataset(PROCESSED_DIR, "train", device, make_augment(p, params.seed))
+    default_loader = make_loader(default_data, batch_size, shuffle=True,
+                                 generator=torch.Generator())  # fmt: skip
+    default_model = NeuralNetwork(p.hidden_sizes).to(device)
+    default_optimizer = make_optimizer(default_model, p)
+    scheduler = make_scheduler(default_optimizer, p, len(default_loader))
+    default_loss = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
+    runs["stage_default"] = lambda n: train_loop(
+        limited(default_loader, n), default_model, default_loss, default_optimizer, scheduler
+    )
+
+    timings: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            timings[name].append(samples_per_second(run, batch_size, samples, device))
+    result = {f"{name}_sps": statistics.median(values) for name, values in timings.items()}
 
     result["stage_vs_limit"] = result["stage_sps"] / result["limit_sps"]
     if "tutorial_sps" in result:
@@ -137,6 +144,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--samples", type=int, default=30_000, help="timed samples per loop")
+    parser.add_argument("--rounds", type=int, default=3, help="turns each loop takes (median)")
     parser.add_argument("--device", default=None, help="default: params.yaml's device")
     args = parser.parse_args()
     params = load_params()
@@ -147,10 +155,12 @@ def main() -> None:
         raw = Path(tmp) / "FashionMNIST" / "raw"  # torchvision's layout; it md5-checks the files
         shutil.copytree(RAW_DIR, raw)
         report: dict[str, object] = {
-            "batch_64": measure(64, args.samples, device, Path(tmp)),
-            f"batch_{default_batch}": measure(default_batch, args.samples, device, None),
+            "batch_64": measure(64, args.samples, args.rounds, device, Path(tmp)),
+            f"batch_{default_batch}": measure(
+                default_batch, args.samples, args.rounds, device, None
+            ),
         }
-    report.update(device=str(device), threads=threads, samples=args.samples)
+    report.update(device=str(device), threads=threads, samples=args.samples, rounds=args.rounds)
     print(json.dumps(report))
 
 
