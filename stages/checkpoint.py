@@ -98,6 +98,38 @@ def restore_rng(
             generator.set_state(states["generators"][name])
 
 
+def training_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    generators: dict[str, torch.Generator | None],
+    device: torch.device,
+) -> dict[str, Any]:
+    """The model, optimizer and scheduler states and every RNG state, for save_checkpoint."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": capture_rng(generators, device),
+    }
+
+
+def restore_training(
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    generators: dict[str, torch.Generator | None],
+    device: torch.device,
+) -> None:
+    """Puts back what training_state saved."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    restore_rng(state["rng"], generators, device)
+
+
 def save_checkpoint(path: Path, expected: dict[str, str], state: dict[str, Any]) -> None:
     save_torch({"format": CHECKPOINT_FORMAT, "fingerprints": expected, **state}, path)
 

@@ -25,11 +25,11 @@ from tqdm import tqdm
 
 from stages.artifacts import atomic_dir, require_writable, save_torch
 from stages.checkpoint import (
-    capture_rng,
     fingerprints,
     load_checkpoint,
-    restore_rng,
+    restore_training,
     save_checkpoint,
+    training_state,
 )
 from stages.config import CHECKPOINT, LIVE_DIR, PROCESSED_DIR, TRAINED_WEIGHTS, Params, TrainParams
 from stages.dataset import IndexBatchSampler, ShiftFlip, load_dataset, make_loader
@@ -131,6 +131,26 @@ def train_loop(
     return record
 
 
+@dataclass
+class Progress:
+    """Where training stands: the epoch in progress, the batch-order generator state it started
+    from, its batches so far, and every finished epoch's metrics."""
+
+    epoch: int
+    order: torch.Tensor
+    record: EpochRecord = field(default_factory=EpochRecord)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "order": self.order, "record": self.record.to_state(),
+                "history": self.history}  # fmt: skip
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> Progress:
+        record = EpochRecord.from_state(state["record"], device)
+        return cls(state["epoch"], state["order"], record, state["history"])
+
+
 def require_finite(
     record: EpochRecord, epoch: int, steps_per_epoch: int, p: TrainParams, start: int = 0
 ) -> None:
@@ -143,6 +163,18 @@ def require_finite(
         f"(batch {batch + 1} of {steps_per_epoch}), learning rate {record.lrs[batch]:g} "
         f"(train.learning_rate = {p.learning_rate}); lower train.learning_rate"
     )
+
+
+def validate(
+    model: nn.Module, val_loader: Iterable, val_labels: torch.Tensor, record: EpochRecord
+) -> dict[str, float]:
+    """The epoch's metrics: mean train loss, and loss and accuracy on the validation split."""
+    val_loss, predictions = test_loop(val_loader, model)
+    return {
+        "train/loss": record.mean_loss(),
+        "val/loss": val_loss,
+        "val/accuracy": (predictions == val_labels.cpu()).double().mean().item(),
+    }
 
 
 def open_live(live_dir: Path) -> Live:
@@ -196,73 +228,55 @@ def train(
     sampler = train_loader.batch_sampler
     assert isinstance(sampler, IndexBatchSampler)
 
-    # Where training stands: the epoch in progress, the batch-order state it started from, the
-    # batches it has done, and every finished epoch's metrics.
-    epoch, order, record, history = 1, order_generator.get_state(), EpochRecord(), []
+    at = Progress(epoch=1, order=order_generator.get_state())
     resumed = load_checkpoint(checkpoint_path, expected, log)
     if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(resumed["scheduler"])
-        restore_rng(resumed["rng"], generators, device)
-        epoch, order, history = resumed["epoch"], resumed["order"], resumed["history"]
-        record = EpochRecord.from_state(resumed["record"], device)
-        log.info("resuming from %s: epoch %d, batch %d of %d", checkpoint_path, epoch,
-                 len(record.losses), steps_per_epoch)  # fmt: skip
+        restore_training(resumed, model, optimizer, scheduler, generators, device)
+        at = Progress.from_state(resumed, device)
+        log.info("resuming from %s: epoch %d, batch %d of %d", checkpoint_path, at.epoch,
+                 len(at.record.losses), steps_per_epoch)  # fmt: skip
 
-    def checkpoint(progress: EpochRecord) -> None:
-        save_checkpoint(checkpoint_path, expected, {
-            "epoch": epoch, "order": order, "record": progress.to_state(), "history": history,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": capture_rng(generators, device),
-        })  # fmt: skip
+    def checkpoint() -> None:
+        trained = training_state(model, optimizer, scheduler, generators, device)
+        save_checkpoint(checkpoint_path, expected, {**at.to_state(), **trained})
 
-    def after_batch(progress: EpochRecord) -> None:
-        done = len(progress.losses)
+    def after_batch(record: EpochRecord) -> None:
+        done = len(record.losses)
         if done % FINITE_CHECK_EVERY == 0:  # a device sync every few batches, not every batch
-            require_finite(progress, epoch, steps_per_epoch, p, start=done - FINITE_CHECK_EVERY)
-        step = (epoch - 1) * steps_per_epoch + done
+            require_finite(record, at.epoch, steps_per_epoch, p, start=done - FINITE_CHECK_EVERY)
+        step = (at.epoch - 1) * steps_per_epoch + done
         if p.checkpoint_every_steps and step % p.checkpoint_every_steps == 0:
-            require_finite(progress, epoch, steps_per_epoch, p)  # never checkpoint divergence
-            checkpoint(progress)
+            require_finite(record, at.epoch, steps_per_epoch, p)  # never checkpoint divergence
+            checkpoint()
 
     log.info("training %d epochs on %d images, batch %d, %s lr %g", p.epochs, len(train_data),
              p.batch_size, p.optimizer, p.learning_rate)  # fmt: skip
     with atomic_dir(live_dir) as live_staging, open_live(live_staging) as live:
-        for metrics in history:
+        for metrics in at.history:
             log_epoch(live, metrics)
-        bar = tqdm(total=p.epochs, initial=epoch - 1, desc="train", unit="epoch")
-        while epoch <= p.epochs:
-            order_generator.set_state(order)
-            sampler.skip = len(record.losses)
-            record = train_loop(
-                train_loader, model, loss_fn, optimizer, scheduler, record, after_batch
-            )
-            require_finite(record, epoch, steps_per_epoch, p)
-            val_loss, predictions = test_loop(val_loader, model)
-            val_accuracy = (predictions == val_data.labels.cpu()).double().mean().item()
-            metrics = {
-                "train/loss": record.mean_loss(),
-                "val/loss": val_loss,
-                "val/accuracy": val_accuracy,
-            }
-            history.append(metrics)
+        bar = tqdm(total=p.epochs, initial=at.epoch - 1, desc="train", unit="epoch")
+        while at.epoch <= p.epochs:
+            order_generator.set_state(at.order)
+            sampler.skip = len(at.record.losses)
+            train_loop(train_loader, model, loss_fn, optimizer, scheduler, at.record, after_batch)
+            require_finite(at.record, at.epoch, steps_per_epoch, p)
+            metrics = validate(model, val_loader, val_data.labels, at.record)
+            at.history.append(metrics)
             log_epoch(live, metrics)
             bar.update()
-            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", val_acc=f"{val_accuracy:.4f}")
-            log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val accuracy %.4f", epoch,
-                     p.epochs, metrics["train/loss"], val_loss, val_accuracy)  # fmt: skip
-            epoch, order, record = epoch + 1, order_generator.get_state(), EpochRecord()
-            checkpoint(record)
+            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}",
+                            val_acc=f"{metrics['val/accuracy']:.4f}")  # fmt: skip
+            log.info("epoch %d/%d: %s", at.epoch, p.epochs,
+                     ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))  # fmt: skip
+            at = Progress(at.epoch + 1, order_generator.get_state(), history=at.history)
+            checkpoint()
         bar.close()
 
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     save_torch(state, weights_path)
     Path(checkpoint_path).unlink(missing_ok=True)
     log.info("wrote %s", weights_path)
-    return history[-1]
+    return at.history[-1]
 
 
 def main(argv: list[str] | None = None) -> int:
