@@ -52,6 +52,13 @@ def remove_stale_temps(dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _unwritable(dest: Path, exc: OSError) -> OutputError:
+    return OutputError(
+        f"{dest}: cannot write into {dest.parent}/ ({exc.strerror}); "
+        "expected a folder this user can write"
+    )
+
+
 def require_writable(*dests: Path) -> None:
     """Fails before any work unless each out's folder takes a new file (what a rename needs)."""
     for dest in map(Path, dests):
@@ -60,21 +67,28 @@ def require_writable(*dests: Path) -> None:
             with tempfile.TemporaryFile(dir=dest.parent):
                 pass
         except OSError as exc:
-            raise OutputError(
-                f"{dest}: cannot write into {dest.parent}/ ({exc.strerror}); "
-                "expected a folder this user can write"
-            ) from None
+            raise _unwritable(dest, exc) from None
+
+
+def _new_temp(dest: Path, folder: bool) -> Path:
+    """An empty temporary file or folder beside dest, after clearing a killed writer's ones."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(dest)
+        if folder:
+            return Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent))
+        fd, name = tempfile.mkstemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent)
+        os.close(fd)
+        return Path(name)
+    except OSError as exc:
+        raise _unwritable(dest, exc) from None
 
 
 @contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
     """Yields a temporary path in dest's folder; renames it onto dest only if the block succeeds."""
     dest = Path(dest)
-    require_writable(dest)
-    remove_stale_temps(dest)
-    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_temp(dest, folder=False)
     try:
         yield tmp
         _fsync(tmp)
@@ -100,9 +114,7 @@ def _keep_git_ignores(old: Path, new: Path) -> None:
 def atomic_dir(dest: Path) -> Iterator[Path]:
     """Yields an empty temporary folder beside dest; it replaces dest only if the block succeeds."""
     dest = Path(dest)
-    require_writable(dest)
-    remove_stale_temps(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent))
+    tmp = _new_temp(dest, folder=True)
     try:
         yield tmp
         _keep_git_ignores(dest, tmp)
