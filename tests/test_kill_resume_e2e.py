@@ -80,12 +80,13 @@ class Runner:
         return True
 
     def kill_stage(self, stage: str) -> bool:
-        """SIGKILL to the stage's process first, then to the group; False, after letting the run
-        finish, if the stage had already exited.
+        """SIGKILL to the stage's process only, then wait for DVC to exit; False, after letting
+        the run finish, if the stage had already exited.
 
-        DVC writes dvc.lock in place, not atomically: a kill that lands while DVC records a
-        finished stage can truncate it. That is DVC's window, not a stage's, so these kills aim
-        at the stage's own process and leave DVC's bookkeeping alone.
+        DVC writes dvc.lock and .dvc/tmp/rwlock in place, not atomically: a kill that lands on
+        DVC itself while it records a stage or releases its lock can truncate either file. That
+        is DVC's window, not a stage's, so these kills aim at the stage's own process and let
+        DVC see the failure, release its lock and exit non-zero, as it does when a stage crashes.
         """
         try:
             workers = [child for child in psutil.Process(self.process.pid).children(recursive=True)
@@ -94,10 +95,11 @@ class Runner:
                 worker.kill()
         except psutil.NoSuchProcess:
             workers = []
+        code = self.finish()
         if not workers:
-            self.finish()
             return False
-        return self.kill()
+        assert code != 0, f"dvc repro exited 0 after its stage was killed:\n{self.output}"
+        return True
 
     def finish(self, timeout: float = 300) -> int:
         code = self.process.wait(timeout=timeout)
