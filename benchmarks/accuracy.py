@@ -37,7 +37,7 @@ def main() -> None:
             out = Path(tmp) / str(seed)
             train.fn(params.model_copy(update={"seed": seed}), PROCESSED_DIR,
                      out / "model_weights.pth", out / "live", out / "checkpoint.pt")  # fmt: skip
-            model = load_model(out / "model_weights.pth", params.train.hidden_sizes, device)
+            model = load_model(out / "model_weights.pth", params.train, device)
             _, predictions = test_loop(make_loader(test_data, 1000, shuffle=False), model)
             accuracies.append(
                 round((predictions == test_data.labels.cpu()).double().mean().item(), 4)

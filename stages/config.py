@@ -73,7 +73,9 @@ class TrainParams(Section):
     scheduler: Literal["none", "cosine", "onecycle"] = "none"
     shift_pixels: Annotated[int, Field(ge=0, le=8)] = 0  # augmentation: random shifts
     hflip: bool = False  # augmentation: random left-right flips
+    model: Literal["mlp", "cnn"] = "mlp"
     hidden_sizes: Annotated[list[PositiveInt], Field(min_length=1)] = [512, 512]
+    conv_channels: Annotated[list[PositiveInt], Field(min_length=1, max_length=3)] = [32, 64]
     num_threads: Annotated[int, Field(ge=0)] = 0  # 0: one per physical core
     checkpoint_every_steps: Annotated[int, Field(ge=0)] = 0  # 0: at the end of each epoch only
     deterministic: bool = False  # CUDA: deterministic kernels (the CPU path always is)

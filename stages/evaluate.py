@@ -111,7 +111,7 @@ def evaluate(
     require_writable(*(Path(out_dir) / name for name in OUT_FILES))
     device = resolve_device(params.device)
     test_data = load_dataset(processed_dir, "test", device)
-    model = load_model(weights_path, params.train.hidden_sizes, device)
+    model = load_model(weights_path, params.train, device)
     loss, predictions = test_loop(
         make_loader(test_data, params.evaluate.batch_size, shuffle=False), model
     )

@@ -1,7 +1,7 @@
 """python -m stages.export
 
 Publishes the trained model: models/model_weights.pth (the state_dict, CPU tensors, checked to
-load with torch.load(weights_only=True) into a fresh NeuralNetwork with strict=True),
+load with torch.load(weights_only=True) into a fresh model with strict=True),
 models/model.safetensors, and a model card in
 models/model_card.json and models/model_card.md with the params, the test metrics, the input
 normalisation, the raw data checksums and the code version.
@@ -35,10 +35,11 @@ from stages.config import (
     RAW_DIR,
     TRAINED_WEIGHTS,
     Params,
+    TrainParams,
 )
 from stages.dataset import CLASSES, load_stats
 from stages.errors import StageError
-from stages.model import load_model
+from stages.model import describe, load_model
 from stages.runtime import run_cli, stage_logger
 
 CARD_PARAMS = {"seed", "device", "preprocess", "train", "export"}
@@ -53,6 +54,15 @@ def code_version() -> dict[str, str]:
     card's hash with every commit, so a rerun on the same code would never match dvc.lock.
     """
     return {"package_version": version("fashion-mnist-pipeline"), "stages_sha256": source_digest()}
+
+
+def architecture(p: TrainParams) -> str:
+    head = "-".join(str(width) for width in [*p.hidden_sizes, 10])
+    if p.model == "cnn":
+        convs = ", ".join(f"{c}" for c in p.conv_channels)
+        return (f"ConvNet: 3x3 Conv-BatchNorm-ReLU-MaxPool blocks of {convs} channels, then "
+                f"Flatten and Linear layers to {head} with ReLU between them")  # fmt: skip
+    return f"NeuralNetwork: Flatten, then Linear layers 784-{head} with ReLU between them"
 
 
 def data_checksums(raw_dir: Path) -> dict[str, dict[str, str]]:
@@ -83,9 +93,9 @@ def render_card(card: dict[str, Any]) -> str:
 
 ```python
 import torch
-from stages.model import NeuralNetwork
+from stages.model import {card["constructor"].split("(")[0]}
 
-model = NeuralNetwork({card["hidden_sizes"]})
+model = {card["constructor"]}
 model.load_state_dict(torch.load("models/model_weights.pth", weights_only=True), strict=True)
 model.eval()
 ```
@@ -111,17 +121,17 @@ def export(
 ) -> dict[str, Any]:
     log = stage_logger("export")
     require_writable(*(Path(out_dir) / name for name in OUT_FILES))
-    hidden_sizes = params.train.hidden_sizes
-    model = load_model(weights_path, hidden_sizes)
+    p = params.train
+    model = load_model(weights_path, p)
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     out_dir = Path(out_dir)
     final_weights = out_dir / "model_weights.pth"
     save_torch(state, final_weights)
-    load_model(final_weights, hidden_sizes)  # the tutorial's reload, as users will do it
+    load_model(final_weights, p)  # the tutorial's reload, as users will do it
     files = {final_weights.name: file_digest(final_weights, "sha256")}
     tensors_path = out_dir / "model.safetensors"
     with atomic_path(tensors_path) as tmp:
-        save_file(state, tmp, metadata={"hidden_sizes": json.dumps(hidden_sizes)})
+        save_file(state, tmp, metadata={"constructor": describe(p)})
     files[tensors_path.name] = file_digest(tensors_path, "sha256")
 
     metrics_path = Path(eval_dir) / "metrics.json"
@@ -132,10 +142,9 @@ def export(
     mean, std = load_stats(processed_dir)
     card = {
         "model_name": params.export.model_name,
-        "architecture": "NeuralNetwork: Flatten, then Linear layers "
-        + "-".join(str(width) for width in [784, *hidden_sizes, 10])
-        + " with ReLU between them",
-        "hidden_sizes": hidden_sizes,
+        "architecture": architecture(p),
+        "constructor": describe(p),
+        "hidden_sizes": p.hidden_sizes,
         "classes": list(CLASSES),
         "input": {
             "shape": [1, 28, 28],

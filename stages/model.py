@@ -1,9 +1,11 @@
-"""The network from PyTorch's "Learn the Basics": Flatten -> Linear/ReLU stack -> 10 logits."""
+"""The network from PyTorch's "Learn the Basics": Flatten -> Linear/ReLU stack -> 10 logits;
+and, for `train.model: cnn`, a small CNN that puts convolution blocks in front of the same stack."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -11,8 +13,21 @@ from torch import nn
 from stages.artifacts import load_torch
 from stages.errors import StageError
 
+if TYPE_CHECKING:
+    from stages.config import TrainParams
+
 IMAGE_SIZE = 28 * 28
 NUM_CLASSES = 10
+
+
+def linear_relu_stack(width: int, hidden_sizes: Sequence[int]) -> nn.Sequential:
+    """Linear/ReLU pairs through `hidden_sizes`, then a Linear to the 10 class logits."""
+    layers: list[nn.Module] = []
+    for hidden in hidden_sizes:
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    layers.append(nn.Linear(width, NUM_CLASSES))
+    return nn.Sequential(*layers)
 
 
 class NeuralNetwork(nn.Module):
@@ -21,18 +36,49 @@ class NeuralNetwork(nn.Module):
     def __init__(self, hidden_sizes: Sequence[int] = (512, 512)) -> None:
         super().__init__()
         self.flatten = nn.Flatten()
-        layers: list[nn.Module] = []
-        width = IMAGE_SIZE
-        for hidden in hidden_sizes:
-            layers += [nn.Linear(width, hidden), nn.ReLU()]
-            width = hidden
-        layers.append(nn.Linear(width, NUM_CLASSES))
-        self.linear_relu_stack = nn.Sequential(*layers)
+        self.linear_relu_stack = linear_relu_stack(IMAGE_SIZE, hidden_sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.flatten(x)
         logits = self.linear_relu_stack(x)
         return logits
+
+
+class ConvNet(nn.Module):
+    """A small CNN: per entry of `conv_channels` a 3x3 Conv-BatchNorm-ReLU-MaxPool block that
+    halves the image side (28 -> 14 -> 7 -> 3), then the tutorial's Flatten and Linear/ReLU
+    stack."""
+
+    def __init__(
+        self, conv_channels: Sequence[int] = (32, 64), hidden_sizes: Sequence[int] = (512, 512)
+    ) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        channels, side = 1, 28
+        for out in conv_channels:
+            blocks += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out),
+                       nn.ReLU(), nn.MaxPool2d(2)]  # fmt: skip
+            channels, side = out, side // 2
+        self.features = nn.Sequential(*blocks)
+        self.flatten = nn.Flatten()
+        self.linear_relu_stack = linear_relu_stack(channels * side * side, hidden_sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_relu_stack(self.flatten(self.features(x)))
+
+
+def build_model(p: TrainParams) -> nn.Module:
+    """The network `train.model` names, shaped by `train.hidden_sizes` (and `conv_channels`)."""
+    if p.model == "cnn":
+        return ConvNet(p.conv_channels, p.hidden_sizes)
+    return NeuralNetwork(p.hidden_sizes)
+
+
+def describe(p: TrainParams) -> str:
+    """The constructor call that rebuilds `build_model(p)`, as users would type it."""
+    if p.model == "cnn":
+        return f"ConvNet(conv_channels={p.conv_channels}, hidden_sizes={p.hidden_sizes})"
+    return f"NeuralNetwork(hidden_sizes={p.hidden_sizes})"
 
 
 @torch.no_grad()
@@ -50,21 +96,17 @@ def test_loop(dataloader: Iterable, model: nn.Module) -> tuple[float, torch.Tens
     return loss_sum.item() / max(count, 1), torch.cat(predictions).cpu()
 
 
-def load_model(
-    weights_path: Path, hidden_sizes: Sequence[int], device: torch.device | str = "cpu"
-) -> NeuralNetwork:
-    """A fresh NeuralNetwork with the saved state_dict, loaded strictly."""
+def load_model(weights_path: Path, p: TrainParams, device: torch.device | str = "cpu") -> nn.Module:
+    """A fresh `build_model(p)` with the saved state_dict, loaded strictly."""
     try:
         state = load_torch(weights_path)
     except FileNotFoundError:
         raise StageError(f"{weights_path}: missing") from None
     except Exception as exc:
         raise StageError(f"{weights_path}: not a loadable state_dict ({exc})") from None
-    model = NeuralNetwork(hidden_sizes)
+    model = build_model(p)
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError) as exc:
-        raise StageError(
-            f"{weights_path}: does not fit NeuralNetwork(hidden_sizes={hidden_sizes}): {exc}"
-        ) from None
+        raise StageError(f"{weights_path}: does not fit {describe(p)}: {exc}") from None
     return model.to(device)

@@ -1,6 +1,7 @@
 """python -m stages.train
 
-Trains the tutorial's NeuralNetwork on data/processed/train.pt, checking accuracy on the
+Trains the tutorial's NeuralNetwork (or, with train.model: cnn, a small CNN) on
+data/processed/train.pt, checking accuracy on the
 validation split after each epoch. Optimizer, learning rate, batch size, epochs, loss settings,
 seed and device come from params.yaml. Writes the state_dict to models/train/model_weights.pth
 and the per-epoch curves (train loss, val loss, val accuracy) with dvclive to reports/train/.
@@ -35,7 +36,7 @@ from stages.config import CHECKPOINT, LIVE_DIR, PROCESSED_DIR, TRAINED_WEIGHTS, 
 from stages.dataset import IndexBatchSampler, ShiftFlip, load_dataset, make_loader
 from stages.device import configure_determinism, configure_threads, resolve_device
 from stages.errors import StageError
-from stages.model import NeuralNetwork, test_loop
+from stages.model import build_model, test_loop
 from stages.runtime import run_cli, stage_logger
 
 
@@ -216,7 +217,7 @@ def train(
     val_loader = make_loader(val_data, params.evaluate.batch_size, shuffle=False)
     steps_per_epoch = len(train_loader)
 
-    model = NeuralNetwork(p.hidden_sizes).to(device)
+    model = build_model(p).to(device)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
     optimizer = make_optimizer(model, p)
     scheduler = make_scheduler(optimizer, p, steps_per_epoch)

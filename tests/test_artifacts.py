@@ -52,6 +52,7 @@ class _Payload:
 
 
 def test_a_malicious_pickle_is_refused_and_never_run(tmp_path: Path) -> None:
+    from stages.config import TrainParams
     from stages.dataset import SplitFormatError, load_split
     from stages.errors import StageError
     from stages.model import load_model
@@ -60,7 +61,7 @@ def test_a_malicious_pickle_is_refused_and_never_run(tmp_path: Path) -> None:
     poisoned = tmp_path / "model_weights.pth"
     torch.save({"linear_relu_stack.0.weight": _Payload(marker)}, poisoned)
     with pytest.raises(StageError, match="not a loadable state_dict"):
-        load_model(poisoned, [512, 512])
+        load_model(poisoned, TrainParams())
     (tmp_path / "processed").mkdir()
     torch.save({"images": _Payload(marker), "labels": None}, tmp_path / "processed" / "test.pt")
     with pytest.raises(SplitFormatError, match="not a readable tensor file"):

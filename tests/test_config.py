@@ -32,6 +32,8 @@ def test_missing_sections_take_defaults() -> None:
         ({"train": {"batch_size": 0}}, "train.batch_size = 0"),
         ({"train": {"hidden_sizes": []}}, "train.hidden_sizes = []"),
         ({"train": {"optimizer": "lbfgs"}}, "train.optimizer = 'lbfgs': Input should be 'sgd'"),
+        ({"train": {"model": "vit"}}, "train.model = 'vit': Input should be 'mlp' or 'cnn'"),
+        ({"train": {"conv_channels": [8, 8, 8, 8]}}, "train.conv_channels = [8, 8, 8, 8]"),
         ({"preprocess": {"val_fraction": 1.0}}, "preprocess.val_fraction = 1.0"),
         ({"preprocess": {"mean": 0.3}}, "set both mean and std"),
         ({"device": "gpu"}, "device = 'gpu': expected auto, cpu, cuda, cuda:N or mps"),

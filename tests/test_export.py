@@ -1,13 +1,17 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from stages.artifacts import load_torch
 from stages.config import Params
+from stages.errors import StageError
 from stages.evaluate import evaluate
 from stages.export import export
-from stages.model import NeuralNetwork
+from stages.model import ConvNet, NeuralNetwork, load_model
+from stages.train import train
 
 
 def test_export_writes_loadable_weights_and_a_card(
@@ -33,3 +37,31 @@ def test_export_writes_loadable_weights_and_a_card(
     assert len(card["code"]["stages_sha256"]) == 64
     assert card["input"]["normalize"]["std"] > 0
     assert "strict=True" in (out / "model_card.md").read_text()
+
+
+def test_a_cnn_trains_evaluates_and_exports_with_a_card_that_rebuilds_it(
+    tmp_path: Path, raw_dir: Path, processed_dir: Path, small_params: Params
+) -> None:
+    cnn = small_params.train.model_copy(
+        update={"model": "cnn", "conv_channels": [4, 8], "hidden_sizes": [16], "epochs": 1}
+    )
+    params = small_params.model_copy(update={"train": cnn})
+    weights = tmp_path / "w.pth"
+    train.fn(params, processed_dir, weights, tmp_path / "live")
+    eval_dir = tmp_path / "eval"
+    metrics = evaluate.fn(params, processed_dir, weights, tmp_path / "live", eval_dir)
+    out = tmp_path / "models"
+    export.fn(params, weights, processed_dir, raw_dir, eval_dir, out)
+
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["constructor"] == "ConvNet(conv_channels=[4, 8], hidden_sizes=[16])"
+    assert card["architecture"].startswith("ConvNet: 3x3 Conv-BatchNorm-ReLU-MaxPool blocks of 4")
+    assert load_file(out / "model.safetensors").keys() == load_torch(weights).keys()
+    snippet = (out / "model_card.md").read_text().split("```python\n")[1].split("```")[0]
+    scope: dict = {}
+    exec(snippet.replace("models/model_weights.pth", str(out / "model_weights.pth")), scope)
+    assert isinstance(scope["model"], ConvNet)
+    assert scope["model"](torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert card["metrics"]["accuracy"] == metrics["accuracy"]
+    with pytest.raises(StageError, match=r"does not fit NeuralNetwork\(hidden_sizes=\[16\]\)"):
+        load_model(weights, cnn.model_copy(update={"model": "mlp"}))
