@@ -1,9 +1,10 @@
-"""python benchmarks/accuracy.py [--seeds 0 1 2]
+"""python benchmarks/accuracy.py [--seeds 0 1 2] [--set train.model=cnn ...]
 
-Trains the train stage with the default params.yaml on several seeds (weight init, batch order,
-augmentation) and scores each on the test split, as the evaluate stage does. Prints one JSON
-line: {"seeds", "accuracies", "mean", "epochs", "wall_s"}. Needs data/processed
-(`dvc repro preprocess`); writes only to a temporary folder.
+Trains the train stage with params.yaml (changed by any --set, validated the same way) on
+several seeds (weight init, batch order, augmentation) and scores each on the test split, as the
+evaluate stage does. Prints one JSON line: {"seeds", "accuracies", "mean", "epochs", "wall_s"},
+plus "set" when given. Needs data/processed (`dvc repro preprocess`); writes only to a temporary
+folder.
 """
 
 from __future__ import annotations
@@ -14,11 +15,31 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.config import PROCESSED_DIR, load_params
+import yaml
+
+from stages.config import PARAMS_FILE, PROCESSED_DIR, Params, ParamsError, parse_params
 from stages.dataset import load_dataset, make_loader
 from stages.device import resolve_device
 from stages.model import load_model, test_loop
 from stages.train import train
+
+
+def with_overrides(settings: list[str]) -> Params:
+    """params.yaml with each `section.key=value` (value in YAML) applied, then validated."""
+    raw = yaml.safe_load(PARAMS_FILE.read_text()) or {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {setting}: expected section.key=value")
+        *sections, name = key.split(".")
+        target = raw
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[name] = yaml.safe_load(value)
+    try:
+        return parse_params(raw, f"{PARAMS_FILE} with --set {' '.join(settings)}")
+    except ParamsError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def main() -> None:
@@ -26,8 +47,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="change a parameter for this run, e.g. train.epochs=10")  # fmt: skip
     args = parser.parse_args()
-    params = load_params()
+    params = with_overrides(args.set)
     device = resolve_device(params.device)
     test_data = load_dataset(PROCESSED_DIR, "test", device)
     accuracies = []
@@ -43,6 +66,7 @@ def main() -> None:
                 round((predictions == test_data.labels.cpu()).double().mean().item(), 4)
             )
     print(json.dumps({
+        **({"set": args.set} if args.set else {}),
         "seeds": args.seeds,
         "accuracies": accuracies,
         "mean": round(sum(accuracies) / len(accuracies), 4),
