@@ -235,3 +235,19 @@ def test_deterministic_cuda_training_is_byte_identical(
     finally:
         torch.use_deterministic_algorithms(False)
     assert (tmp_path / "a.pth").read_bytes() == (tmp_path / "b.pth").read_bytes()
+
+
+@pytest.mark.parametrize("momentum, low", [(0.9, 0.8), (0.95, 0.85), (0.05, 0.0), (0.0, 0.0)])
+def test_onecycle_cycles_sgd_momentum_from_the_param(momentum: float, low: float) -> None:
+    p = Params().train.model_copy(
+        update={"optimizer": "sgd", "scheduler": "onecycle", "momentum": momentum, "epochs": 1}
+    )
+    model = NeuralNetwork([4])
+    optimizer = stages.train.make_optimizer(model, p)
+    scheduler = stages.train.make_scheduler(optimizer, p, steps_per_epoch=10)
+    seen = [optimizer.param_groups[0]["momentum"]]
+    for _ in range(9):
+        optimizer.step()
+        scheduler.step()
+        seen.append(optimizer.param_groups[0]["momentum"])
+    assert seen[0] == momentum and min(seen) == pytest.approx(low)
