@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from stages.config import PARAMS_FILE, PROCESSED_DIR, Params, ParamsError, parse_params
+from stages.config import PROCESSED_DIR, Params, ParamsError, load_params, parse_params
 from stages.dataset import load_dataset, make_loader
 from stages.device import resolve_device
 from stages.model import load_model, test_loop
@@ -26,7 +26,7 @@ from stages.train import train
 
 def with_overrides(settings: list[str]) -> Params:
     """params.yaml with each `section.key=value` (value in YAML) applied, then validated."""
-    raw = yaml.safe_load(PARAMS_FILE.read_text()) or {}
+    raw = load_params().model_dump(mode="json")
     for setting in settings:
         key, sep, value = setting.partition("=")
         if not sep:
@@ -37,7 +37,7 @@ def with_overrides(settings: list[str]) -> Params:
             target = target.setdefault(section, {})
         target[name] = yaml.safe_load(value)
     try:
-        return parse_params(raw, f"{PARAMS_FILE} with --set {' '.join(settings)}")
+        return parse_params(raw, f"params.yaml with --set {' '.join(settings)}")
     except ParamsError as exc:
         raise SystemExit(f"error: {exc}") from None
 

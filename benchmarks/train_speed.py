@@ -33,7 +33,7 @@ from torchvision.transforms import ToTensor
 from stages.config import PROCESSED_DIR, RAW_DIR, load_params
 from stages.dataset import load_dataset, make_loader
 from stages.device import configure_threads, resolve_device
-from stages.model import NeuralNetwork
+from stages.model import NeuralNetwork, build_model
 from stages.train import make_augment, make_optimizer, make_scheduler, train_loop
 
 
@@ -119,7 +119,7 @@ def measure(batch_size: int, samples: int, rounds: int, device: torch.device,
     default_data = load_dataset(PROCESSED_DIR, "train", device, make_augment(p, params.seed))
     default_loader = make_loader(default_data, batch_size, shuffle=True,
                                  generator=torch.Generator())  # fmt: skip
-    default_model = NeuralNetwork(p.hidden_sizes).to(device)
+    default_model = build_model(p).to(device)
     default_optimizer = make_optimizer(default_model, p)
     scheduler = make_scheduler(default_optimizer, p, len(default_loader))
     default_loss = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)

@@ -35,11 +35,10 @@ from stages.config import (
     RAW_DIR,
     TRAINED_WEIGHTS,
     Params,
-    TrainParams,
 )
 from stages.dataset import CLASSES, load_stats
 from stages.errors import StageError
-from stages.model import describe, load_model
+from stages.model import architecture, describe, load_model
 from stages.runtime import run_cli, stage_logger
 
 CARD_PARAMS = {"seed", "device", "preprocess", "train", "export"}
@@ -54,15 +53,6 @@ def code_version() -> dict[str, str]:
     card's hash with every commit, so a rerun on the same code would never match dvc.lock.
     """
     return {"package_version": version("fashion-mnist-pipeline"), "stages_sha256": source_digest()}
-
-
-def architecture(p: TrainParams) -> str:
-    head = "-".join(str(width) for width in [*p.hidden_sizes, 10])
-    if p.model == "cnn":
-        convs = ", ".join(f"{c}" for c in p.conv_channels)
-        return (f"ConvNet: 3x3 Conv-BatchNorm-ReLU-MaxPool blocks of {convs} channels, then "
-                f"Flatten and Linear layers to {head} with ReLU between them")  # fmt: skip
-    return f"NeuralNetwork: Flatten, then Linear layers 784-{head} with ReLU between them"
 
 
 def data_checksums(raw_dir: Path) -> dict[str, dict[str, str]]:

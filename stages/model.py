@@ -81,6 +81,16 @@ def describe(p: TrainParams) -> str:
     return f"NeuralNetwork(hidden_sizes={p.hidden_sizes})"
 
 
+def architecture(p: TrainParams) -> str:
+    """`build_model(p)` in words, for the model card."""
+    head = "-".join(map(str, [*p.hidden_sizes, NUM_CLASSES]))
+    if p.model == "cnn":
+        return (f"ConvNet: 3x3 Conv-BatchNorm-ReLU-MaxPool blocks of "
+                f"{', '.join(map(str, p.conv_channels))} channels, then Flatten and Linear layers "
+                f"to {head} with ReLU between them")  # fmt: skip
+    return f"NeuralNetwork: Flatten, then Linear layers {IMAGE_SIZE}-{head} with ReLU between them"
+
+
 @torch.no_grad()
 def test_loop(dataloader: Iterable, model: nn.Module) -> tuple[float, torch.Tensor]:
     """The tutorial's test loop: mean cross-entropy over the split, and every prediction."""
