@@ -12,7 +12,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -134,20 +134,36 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def atomic_paths(*dests: Path) -> Iterator[list[Path]]:
+    """atomic_path for a stage's several outs: none is replaced unless the whole block succeeds."""
+    with ExitStack() as stack:
+        yield [stack.enter_context(atomic_path(dest)) for dest in dests]
+
+
 def write_text(text: str, dest: Path) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_text(text)
 
 
+def json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
 def write_json(obj: Any, dest: Path) -> None:
-    write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", dest)
+    write_text(json_text(obj), dest)
+
+
+def torch_save(obj: Any, path: Path) -> None:
+    # Through a file object: given a path, torch names the archive's records after the file, and
+    # the random temporary name would make identical weights hash differently.
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
 
 
 def save_torch(obj: Any, dest: Path) -> None:
-    # Through a file object: given a path, torch names the archive's records after the file, and
-    # the random temporary name would make identical weights hash differently.
-    with atomic_path(dest) as tmp, open(tmp, "wb") as handle:
-        torch.save(obj, handle)
+    with atomic_path(dest) as tmp:
+        torch_save(obj, tmp)
 
 
 def load_torch(path: Path) -> Any:

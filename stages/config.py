@@ -63,14 +63,15 @@ class PreprocessParams(Section):
 
 
 class TrainParams(Section):
-    epochs: PositiveInt = 10
+    # The same defaults as params.yaml (a test holds them equal): a key left out means this.
+    epochs: PositiveInt = 20
     batch_size: PositiveInt = 128
-    learning_rate: PositiveFloat = 1e-3
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    weight_decay: NonNegativeFloat = 0.0
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    scheduler: Literal["none", "cosine", "onecycle"] = "none"
+    learning_rate: PositiveFloat = 0.1
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.95
+    weight_decay: NonNegativeFloat = 5e-4
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    scheduler: Literal["none", "cosine", "onecycle"] = "onecycle"
     shift_pixels: Annotated[int, Field(ge=0, le=8)] = 0  # augmentation: random shifts
     hflip: bool = False  # augmentation: random left-right flips
     model: Literal["mlp", "cnn"] = "mlp"

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from prefect import task
 from prefect.cache_policies import NONE
 
-from stages.artifacts import atomic_path, require_writable, write_json, write_text
+from stages.artifacts import atomic_paths, json_text, require_writable
 from stages.config import EVAL_DIR, LIVE_DIR, PROCESSED_DIR, TRAINED_WEIGHTS, Params
 from stages.dataset import CLASSES, load_dataset, make_loader
 from stages.device import resolve_device
@@ -55,10 +55,9 @@ def per_class_table(counts: torch.Tensor) -> pd.DataFrame:
     })  # fmt: skip
 
 
-def save_figure(figure: Figure, dest: Path) -> None:
+def save_figure(figure: Figure, path: Path) -> None:
     # Figure without pyplot: no GUI backend, no global state, nothing to close.
-    with atomic_path(dest) as tmp:
-        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None})
+    figure.savefig(path, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None})
 
 
 def plot_confusion(counts: torch.Tensor, accuracy: float, dest: Path) -> None:
@@ -80,17 +79,26 @@ def plot_confusion(counts: torch.Tensor, accuracy: float, dest: Path) -> None:
     save_figure(figure, dest)
 
 
-def plot_training_curves(live_dir: Path, dest: Path) -> None:
-    curves = Path(live_dir) / "plots" / "metrics"
-    panels = {"loss": ["train/loss", "val/loss"], "accuracy": ["val/accuracy"]}
+CURVE_PANELS = {"loss": ["train/loss", "val/loss"], "accuracy": ["val/accuracy"]}
+
+
+def read_training_curves(live_dir: Path) -> dict[str, pd.DataFrame]:
+    """train's dvclive curves, by metric name."""
+    curves = {}
+    for name in (name for names in CURVE_PANELS.values() for name in names):
+        path = Path(live_dir) / "plots" / "metrics" / f"{name}.tsv"
+        if not path.is_file():
+            raise StageError(f"{path}: missing; run the train stage first")
+        curves[name] = pd.read_csv(path, sep="\t")
+    return curves
+
+
+def plot_training_curves(curves: dict[str, pd.DataFrame], dest: Path) -> None:
     figure = Figure(figsize=(10, 4))
     axes = figure.subplots(1, 2)
-    for ax, (title, names) in zip(axes, panels.items(), strict=True):
+    for ax, (title, names) in zip(axes, CURVE_PANELS.items(), strict=True):
         for name in names:
-            path = curves / f"{name}.tsv"
-            if not path.is_file():
-                raise StageError(f"{path}: missing; run the train stage first")
-            frame = pd.read_csv(path, sep="\t")
+            frame = curves[name]
             ax.plot(frame["step"] + 1, frame[name.split("/")[-1]], marker="o", label=name)
         ax.set_xlabel("epoch")
         ax.set_title(title)
@@ -112,6 +120,7 @@ def evaluate(
     device = resolve_device(params.device)
     test_data = load_dataset(processed_dir, "test", device)
     model = load_model(weights_path, params.train, device)
+    curves = read_training_curves(live_dir)
     loss, predictions = test_loop(
         make_loader(test_data, params.evaluate.batch_size, shuffle=False), model
     )
@@ -123,16 +132,17 @@ def evaluate(
         "loss": round(loss, 6),
         "macro_f1": round(float(table["f1"].mean()), 6),
     }
-    out_dir = Path(out_dir)
-    write_text(table.to_csv(index=False), out_dir / "per_class.csv")
     pairs = pd.DataFrame({
         "actual": [CLASSES[i] for i in labels.tolist()],
         "predicted": [CLASSES[i] for i in predictions.tolist()],
     })  # fmt: skip
-    write_text(pairs.to_csv(index=False), out_dir / "confusion.csv")
-    plot_confusion(counts, metrics["accuracy"], out_dir / "confusion_matrix.png")
-    plot_training_curves(live_dir, out_dir / "training_curves.png")
-    write_json(metrics, out_dir / "metrics.json")
+    with atomic_paths(*(Path(out_dir) / name for name in OUT_FILES)) as staged:
+        outs = dict(zip(OUT_FILES, staged, strict=True))
+        outs["metrics.json"].write_text(json_text(metrics))
+        outs["per_class.csv"].write_text(table.to_csv(index=False))
+        outs["confusion.csv"].write_text(pairs.to_csv(index=False))
+        plot_confusion(counts, metrics["accuracy"], outs["confusion_matrix.png"])
+        plot_training_curves(curves, outs["training_curves.png"])
     log.info(
         "test accuracy %.4f, loss %.4f, macro F1 %.4f",
         metrics["accuracy"],

@@ -20,13 +20,12 @@ from prefect.cache_policies import NONE
 from safetensors.torch import save_file
 
 from stages.artifacts import (
-    atomic_path,
+    atomic_paths,
     file_digest,
+    json_text,
     require_writable,
-    save_torch,
     source_digest,
-    write_json,
-    write_text,
+    torch_save,
 )
 from stages.config import (
     EVAL_DIR,
@@ -44,6 +43,7 @@ from stages.runtime import run_cli, stage_logger
 CARD_PARAMS = {"seed", "device", "preprocess", "train", "export"}
 # What this stage writes into models/ (dvc.yaml lists the same files).
 OUT_FILES = ("model_weights.pth", "model.safetensors", "model_card.json", "model_card.md")
+METRIC_KEYS = {"accuracy", "loss", "macro_f1"}
 
 
 def code_version() -> dict[str, str]:
@@ -62,6 +62,22 @@ def data_checksums(raw_dir: Path) -> dict[str, dict[str, str]]:
     return {
         f.name: {"md5": file_digest(f, "md5"), "sha256": file_digest(f, "sha256")} for f in files
     }
+
+
+def read_metrics(path: Path) -> dict[str, float]:
+    """evaluate's test metrics, checked for the keys the card shows."""
+    try:
+        metrics = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StageError(f"{path}: missing; run the evaluate stage first") from None
+    except json.JSONDecodeError as exc:
+        raise StageError(f"{path}: not valid JSON ({exc}); rerun the evaluate stage") from None
+    if not isinstance(metrics, dict) or not metrics.keys() >= METRIC_KEYS:
+        raise StageError(
+            f"{path}: expected an object with {', '.join(sorted(METRIC_KEYS))}; "
+            "rerun the evaluate stage"
+        )
+    return metrics
 
 
 def render_card(card: dict[str, Any]) -> str:
@@ -112,45 +128,40 @@ def export(
     log = stage_logger("export")
     require_writable(*(Path(out_dir) / name for name in OUT_FILES))
     p = params.train
+    # Every input is read before any out is touched: a missing one leaves the old outs in place.
     model = load_model(weights_path, p)
-    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-    out_dir = Path(out_dir)
-    final_weights = out_dir / "model_weights.pth"
-    save_torch(state, final_weights)
-    load_model(final_weights, p)  # the tutorial's reload, as users will do it
-    files = {final_weights.name: file_digest(final_weights, "sha256")}
-    tensors_path = out_dir / "model.safetensors"
-    with atomic_path(tensors_path) as tmp:
-        save_file(state, tmp, metadata={"constructor": describe(p)})
-    files[tensors_path.name] = file_digest(tensors_path, "sha256")
-
-    metrics_path = Path(eval_dir) / "metrics.json"
-    try:
-        metrics = json.loads(metrics_path.read_text())
-    except FileNotFoundError:
-        raise StageError(f"{metrics_path}: missing; run the evaluate stage first") from None
+    metrics = read_metrics(Path(eval_dir) / "metrics.json")
     mean, std = load_stats(processed_dir)
-    card = {
-        "model_name": params.export.model_name,
-        "architecture": architecture(p),
-        "constructor": describe(p),
-        "hidden_sizes": p.hidden_sizes,
-        "classes": list(CLASSES),
-        "input": {
-            "shape": [1, 28, 28],
-            "dtype": "float32",
-            "normalize": {"mean": mean, "std": std},
-        },
-        "metrics": metrics,
-        # The params that decide the weights; dvc.yaml tracks exactly these for this stage.
-        "params": params.model_dump(mode="json", include=CARD_PARAMS),
-        "data": data_checksums(raw_dir),
-        "code": code_version(),
-        "torch_version": torch.__version__.split("+")[0],
-        "files": files,
-    }
-    write_json(card, out_dir / "model_card.json")
-    write_text(render_card(card), out_dir / "model_card.md")
+    data = data_checksums(raw_dir)
+
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    with atomic_paths(*(Path(out_dir) / name for name in OUT_FILES)) as staged:
+        outs = dict(zip(OUT_FILES, staged, strict=True))
+        torch_save(state, outs["model_weights.pth"])
+        load_model(outs["model_weights.pth"], p)  # the tutorial's reload, as users will do it
+        save_file(state, outs["model.safetensors"], metadata={"constructor": describe(p)})
+        files = {name: file_digest(outs[name], "sha256") for name in OUT_FILES[:2]}
+        card = {
+            "model_name": params.export.model_name,
+            "architecture": architecture(p),
+            "constructor": describe(p),
+            "hidden_sizes": p.hidden_sizes,
+            "classes": list(CLASSES),
+            "input": {
+                "shape": [1, 28, 28],
+                "dtype": "float32",
+                "normalize": {"mean": mean, "std": std},
+            },
+            "metrics": metrics,
+            # The params that decide the weights; dvc.yaml tracks exactly these for this stage.
+            "params": params.model_dump(mode="json", include=CARD_PARAMS),
+            "data": data,
+            "code": code_version(),
+            "torch_version": torch.__version__.split("+")[0],
+            "files": files,
+        }
+        outs["model_card.json"].write_text(json_text(card))
+        outs["model_card.md"].write_text(render_card(card))
     log.info("exported %s (test accuracy %.4f)", ", ".join(files), metrics["accuracy"])
     return card
 

@@ -24,7 +24,7 @@ from scmrepo.exceptions import SCMError
 from torch import nn
 from tqdm import tqdm
 
-from stages.artifacts import atomic_dir, require_writable, save_torch
+from stages.artifacts import atomic_dir, atomic_path, require_writable, torch_save
 from stages.checkpoint import (
     fingerprints,
     load_checkpoint,
@@ -266,7 +266,12 @@ def train(
 
     log.info("training %d epochs on %d images, batch %d, %s lr %g", p.epochs, len(train_data),
              p.batch_size, p.optimizer, p.learning_rate)  # fmt: skip
-    with atomic_dir(live_dir) as live_staging, open_live(live_staging) as live:
+    # The weights and the curves are replaced together, once training has finished.
+    with (
+        atomic_path(weights_path) as weights_staging,
+        atomic_dir(live_dir) as live_staging,
+        open_live(live_staging) as live,
+    ):
         for metrics in at.history:
             log_epoch(live, metrics)
         bar = tqdm(total=p.epochs, initial=at.epoch - 1, desc="train", unit="epoch")
@@ -286,9 +291,8 @@ def train(
             at = Progress(at.epoch + 1, order_generator.get_state(), history=at.history)
             checkpoint()
         bar.close()
-
-    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    save_torch(state, weights_path)
+        state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+        torch_save(state, weights_staging)
     Path(checkpoint_path).unlink(missing_ok=True)
     log.info("wrote %s", weights_path)
     return at.history[-1]

@@ -17,6 +17,11 @@ def test_missing_sections_take_defaults() -> None:
     assert parse_params({}) == Params()
 
 
+def test_committed_params_state_the_code_defaults() -> None:
+    # A key deleted from params.yaml must not silently change what is trained.
+    assert load_params(REPO / "params.yaml") == Params()
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [

@@ -9,6 +9,8 @@ from stages.config import Params
 from stages.errors import StageError
 from stages.evaluate import confusion_matrix, evaluate, per_class_table
 
+from .conftest import perturb_weights
+
 
 @pytest.fixture
 def evaluated(tmp_path: Path, trained: dict[str, Path], small_params: Params) -> Path:
@@ -53,3 +55,18 @@ def test_weights_of_another_shape_are_refused(
     )
     with pytest.raises(StageError, match=r"does not fit NeuralNetwork\(hidden_sizes=\[64\]\)"):
         evaluate.fn(other, **trained, out_dir=tmp_path / "out")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_missing_input_found_late_changes_no_out(
+    evaluated: Path, trained: dict[str, Path], small_params: Params
+) -> None:
+    before = snapshot(evaluated)
+    perturb_weights(trained["weights_path"])
+    (trained["live_dir"] / "plots" / "metrics" / "val" / "loss.tsv").unlink()
+    with pytest.raises(StageError, match=r"val/loss\.tsv: missing; run the train stage first"):
+        evaluate.fn(small_params, **trained, out_dir=evaluated)
+    assert snapshot(evaluated) == before

@@ -13,6 +13,8 @@ from stages.export import export
 from stages.model import ConvNet, NeuralNetwork, load_model
 from stages.train import train
 
+from .conftest import perturb_weights
+
 
 def test_export_writes_loadable_weights_and_a_card(
     tmp_path: Path, raw_dir: Path, trained: dict[str, Path], small_params: Params
@@ -65,3 +67,31 @@ def test_a_cnn_trains_evaluates_and_exports_with_a_card_that_rebuilds_it(
     assert card["metrics"]["accuracy"] == metrics["accuracy"]
     with pytest.raises(StageError, match=r"does not fit NeuralNetwork\(hidden_sizes=\[16\]\)"):
         load_model(weights, cnn.model_copy(update={"model": "mlp"}))
+
+
+@pytest.mark.parametrize(
+    ("metrics", "error"),
+    [
+        ('{"accuracy": 0.9', r"metrics\.json: not valid JSON"),
+        ('{"accuracy": 0.9}', r"metrics\.json: expected an object with accuracy, loss, macro_f1"),
+    ],
+)
+def test_bad_metrics_stop_export_before_any_out_changes(
+    tmp_path: Path,
+    raw_dir: Path,
+    trained: dict[str, Path],
+    small_params: Params,
+    metrics: str,
+    error: str,
+) -> None:
+    eval_dir = tmp_path / "reports" / "evaluate"
+    evaluate.fn(small_params, **trained, out_dir=eval_dir)
+    out = tmp_path / "export"
+    args = (trained["weights_path"], trained["processed_dir"], raw_dir, eval_dir, out)
+    export.fn(small_params, *args)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    perturb_weights(trained["weights_path"])
+    (eval_dir / "metrics.json").write_text(metrics)
+    with pytest.raises(StageError, match=error):
+        export.fn(small_params, *args)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
