@@ -61,11 +61,14 @@ class StageRecord:
     reason: str = ""
 
 
+NO_DEVICE = "none: no stage ran in process"
+
+
 @dataclass
 class RunLog:
     stages: dict[str, StageRecord] = field(default_factory=dict)
-    ran_in_process: set[str] = field(default_factory=set)
-    device: str = "none: no stage ran"
+    ran: set[str] = field(default_factory=set)  # stages whose command ran, in process or not
+    device: str = NO_DEVICE
 
 
 @task(cache_policy=NONE, persist_result=False)
@@ -104,8 +107,10 @@ def in_process_commands(params: Params, log: RunLog) -> Iterator[None]:
         stage_fn = stage_task(stage, params)
         if stage_fn is None or dry:
             subprocess_run(stage, dry=dry, run_env=run_env)
+            if not dry:
+                log.ran.add(stage.name)
             return
-        if not log.ran_in_process:  # torch is imported only once a stage has work to do
+        if log.device == NO_DEVICE:  # torch is imported only once a stage has work to do
             from stages.device import resolve_device
 
             log.device = str(resolve_device(params.device))
@@ -120,7 +125,7 @@ def in_process_commands(params: Params, log: RunLog) -> Iterator[None]:
                 os.environ.pop("DVC_ROOT", None)
             else:
                 os.environ["DVC_ROOT"] = previous_root
-        log.ran_in_process.add(stage.name)
+        log.ran.add(stage.name)
 
     def keep_lock(function: Callable) -> Callable:
         # DVC releases its lock while a command runs; an in-process task has no need of that,
@@ -144,7 +149,7 @@ def make_repro_fn(log: RunLog) -> Callable[..., Stage | None]:
         if reproduced is not None:
             stage.dump(update_pipeline=False)
         seconds = time.perf_counter() - start
-        if stage.name in log.ran_in_process:
+        if stage.name in log.ran:
             log.stages[stage.name] = StageRecord("ran", seconds)
             return reproduced
         reason = (

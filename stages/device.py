@@ -9,14 +9,16 @@ import torch
 
 from stages.errors import StageError
 
-log = logging.getLogger(__name__)
+# The default for callers without a stage logger; stages pass theirs, so a flow run's UI shows it.
+LOG = logging.getLogger(__name__)
+Logger = logging.Logger | logging.LoggerAdapter
 
 
 class DeviceError(StageError):
     """The requested device does not exist on this machine."""
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, log: Logger = LOG) -> torch.device:
     """auto picks CUDA, then MPS, then CPU; an explicit request that cannot be met is an error."""
     mps_available = torch.backends.mps.is_available()
     if spec == "auto":
@@ -43,7 +45,7 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def configure_threads(num_threads: int) -> int:
+def configure_threads(num_threads: int, log: Logger = LOG) -> int:
     """Sets torch's intra-op threads; 0 means one per physical core (hyperthreads slow GEMMs)."""
     if num_threads == 0:
         import psutil
@@ -54,7 +56,7 @@ def configure_threads(num_threads: int) -> int:
     return num_threads
 
 
-def configure_determinism(deterministic: bool) -> None:
+def configure_determinism(deterministic: bool, log: Logger = LOG) -> None:
     """`train.deterministic`: deterministic CUDA kernels, at some cost in speed on the GPU.
 
     The CPU path is deterministic without it. cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it

@@ -117,7 +117,7 @@ def evaluate(
 ) -> dict[str, float]:
     log = stage_logger("evaluate")
     require_writable(*(Path(out_dir) / name for name in OUT_FILES))
-    device = resolve_device(params.device)
+    device = resolve_device(params.device, log)
     test_data = load_dataset(processed_dir, "test", device)
     model = load_model(weights_path, params.train, device)
     curves = read_training_curves(live_dir)

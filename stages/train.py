@@ -215,9 +215,9 @@ def train(
 ) -> dict[str, float]:
     log = stage_logger("train")
     p = params.train
-    configure_determinism(p.deterministic)
-    device = resolve_device(params.device)
-    num_threads = configure_threads(p.num_threads)
+    configure_determinism(p.deterministic, log)
+    device = resolve_device(params.device, log)
+    num_threads = configure_threads(p.num_threads, log)
     require_writable(weights_path, live_dir, checkpoint_path)
     order_generator = seed_everything(params.seed)
     augment = make_augment(p, params.seed)

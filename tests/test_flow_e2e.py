@@ -83,6 +83,13 @@ def test_changed_param_reruns_the_same_stages_from_either_door(
     metrics = next(a for a in artifacts if a["key"] == "test-metrics")
     assert "accuracy" in str(metrics["data"])
 
+    # The device and thread choices reach the UI with the rest of the stage's log.
+    this_run = {"logs": {"flow_run_id": {"any_": [run_id]}}}
+    logs = prefect_api(prefect_server, "/logs/filter", this_run)
+    messages = "\n".join(entry["message"] for entry in logs)
+    assert re.search(r"^device: (cpu|cuda|mps)", messages, re.M), messages
+    assert re.search(r"^torch threads: \d+$", messages, re.M), messages
+
 
 def test_flow_from_scratch_leaves_the_lock_dvc_repro_leaves(
     pipeline: tuple[Path, str], prefect_server: str, tmp_path: Path, real_mirror: Path
