@@ -20,7 +20,7 @@ import yaml
 from stages.config import PROCESSED_DIR, Params, ParamsError, load_params, parse_params
 from stages.dataset import load_dataset, make_loader
 from stages.device import resolve_device
-from stages.model import load_model, test_loop
+from stages.model import accuracy, load_model, test_loop
 from stages.train import train
 
 
@@ -31,6 +31,8 @@ def with_overrides(settings: list[str]) -> Params:
         key, sep, value = setting.partition("=")
         if not sep:
             raise SystemExit(f"--set {setting}: expected section.key=value")
+        if key == "seed":
+            raise SystemExit(f"--set {setting}: the seeds come from --seeds")
         *sections, name = key.split(".")
         target = raw
         for section in sections:
@@ -46,7 +48,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="train once per seed (default: 0 1 2)")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="change a parameter for this run, e.g. train.epochs=10")  # fmt: skip
     args = parser.parse_args()
@@ -61,10 +64,9 @@ def main() -> None:
             train.fn(params.model_copy(update={"seed": seed}), PROCESSED_DIR,
                      out / "model_weights.pth", out / "live", out / "checkpoint.pt")  # fmt: skip
             model = load_model(out / "model_weights.pth", params.train, device)
-            _, predictions = test_loop(make_loader(test_data, 1000, shuffle=False), model)
-            accuracies.append(
-                round((predictions == test_data.labels.cpu()).double().mean().item(), 4)
-            )
+            loader = make_loader(test_data, params.evaluate.batch_size, shuffle=False)
+            _, predictions = test_loop(loader, model)
+            accuracies.append(round(accuracy(predictions, test_data.labels), 4))
     print(json.dumps({
         **({"set": args.set} if args.set else {}),
         "seeds": args.seeds,

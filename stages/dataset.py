@@ -23,7 +23,6 @@ CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
-SPLITS = ("train", "val", "test")
 
 
 class SplitFormatError(StageError):

@@ -19,10 +19,10 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NONE
 from torchvision.datasets import FashionMNIST
-from torchvision.datasets.utils import calculate_md5, download_url
+from torchvision.datasets.utils import download_url
 from tqdm import tqdm
 
-from stages.artifacts import atomic_dir, require_writable
+from stages.artifacts import atomic_dir, file_digest, require_writable
 from stages.config import RAW_DIR, DownloadParams, Params
 from stages.errors import StageError
 from stages.runtime import run_cli, stage_logger
@@ -116,7 +116,7 @@ def download(
                 except DownloadError as exc:
                     failures.append(str(exc))
                     continue
-                actual = calculate_md5(dest)
+                actual = file_digest(dest, "md5")
                 if actual == md5:
                     log.info("%s: md5 %s ok (from %s)", filename, md5, source)
                     break

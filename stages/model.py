@@ -106,12 +106,16 @@ def test_loop(dataloader: Iterable, model: nn.Module) -> tuple[float, torch.Tens
     return loss_sum.item() / max(count, 1), torch.cat(predictions).cpu()
 
 
+def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    return (predictions.cpu() == labels.cpu()).double().mean().item()
+
+
 def load_model(weights_path: Path, p: TrainParams, device: torch.device | str = "cpu") -> nn.Module:
     """A fresh `build_model(p)` with the saved state_dict, loaded strictly."""
     try:
         state = load_torch(weights_path)
     except FileNotFoundError:
-        raise StageError(f"{weights_path}: missing") from None
+        raise StageError(f"{weights_path}: missing; run the train stage first") from None
     except Exception as exc:
         raise StageError(f"{weights_path}: not a loadable state_dict ({exc})") from None
     model = build_model(p)

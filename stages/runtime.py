@@ -84,7 +84,7 @@ def run_cli(stage_task: Any, description: str | None, argv: list[str] | None = N
         api_url = prefect_api_url()
         if api_url:
             require_prefect_server(api_url)
-        as_task_run = api_url is not None
+        as_task_run = bool(api_url)
         log.info(
             "%s: starting %.2f s after process start (as a Prefect task run: %s)",
             name,

@@ -1,10 +1,13 @@
 """python -m stages.train
 
 Trains the tutorial's NeuralNetwork (or, with train.model: cnn, a small CNN) on
-data/processed/train.pt, checking accuracy on the
-validation split after each epoch. Optimizer, learning rate, batch size, epochs, loss settings,
-seed and device come from params.yaml. Writes the state_dict to models/train/model_weights.pth
-and the per-epoch curves (train loss, val loss, val accuracy) with dvclive to reports/train/.
+data/processed/train.pt, normalised with data/processed/stats.json, checking accuracy on
+data/processed/val.pt after each epoch (in batches of evaluate.batch_size). The optimizer,
+schedule, batch size, epochs, loss settings, seed and device come from params.yaml. Writes the
+state_dict to models/train/model_weights.pth and the per-epoch curves (train loss, val loss, val
+accuracy) with dvclive to reports/train/. It checkpoints to models/checkpoints/train.pt after
+each epoch (and every train.checkpoint_every_steps batches); a rerun with the same params, data
+and code resumes from there, and a finished run deletes it.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from stages.config import CHECKPOINT, LIVE_DIR, PROCESSED_DIR, TRAINED_WEIGHTS, 
 from stages.dataset import IndexBatchSampler, ShiftFlip, load_dataset, make_loader
 from stages.device import configure_determinism, configure_threads, resolve_device
 from stages.errors import StageError
-from stages.model import build_model, test_loop
+from stages.model import accuracy, build_model, test_loop
 from stages.runtime import run_cli, stage_logger
 
 
@@ -188,7 +191,7 @@ def validate(
     return {
         "train/loss": record.mean_loss(),
         "val/loss": val_loss,
-        "val/accuracy": (predictions == val_labels.cpu()).double().mean().item(),
+        "val/accuracy": accuracy(predictions, val_labels),
     }
 
 

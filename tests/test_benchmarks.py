@@ -16,10 +16,13 @@ def load_benchmark(name: str):
 def test_accuracy_overrides_are_applied_and_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     accuracy = load_benchmark("accuracy")
     monkeypatch.chdir(ROOT)
-    params = accuracy.with_overrides(["train.model=cnn", "train.conv_channels=[8, 16]", "seed=3"])
-    assert (params.train.model, params.train.conv_channels, params.seed) == ("cnn", [8, 16], 3)
+    params = accuracy.with_overrides(["train.model=cnn", "train.conv_channels=[8, 16]", "device=mps"])
+    assert (params.train.model, params.train.conv_channels) == ("cnn", [8, 16])
+    assert params.device == "mps"
     assert params.train.epochs == accuracy.with_overrides([]).train.epochs
     with pytest.raises(SystemExit, match="train.model = 'rnn': Input should be 'mlp' or 'cnn'"):
         accuracy.with_overrides(["train.model=rnn"])
+    with pytest.raises(SystemExit, match="seed=3: the seeds come from --seeds"):
+        accuracy.with_overrides(["seed=3"])
     with pytest.raises(SystemExit, match="expected section.key=value"):
         accuracy.with_overrides(["train.model"])
