@@ -16,7 +16,8 @@ def load_benchmark(name: str):
 def test_accuracy_overrides_are_applied_and_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     accuracy = load_benchmark("accuracy")
     monkeypatch.chdir(ROOT)
-    params = accuracy.with_overrides(["train.model=cnn", "train.conv_channels=[8, 16]", "device=mps"])
+    settings = ["train.model=cnn", "train.conv_channels=[8, 16]", "device=mps"]
+    params = accuracy.with_overrides(settings)
     assert (params.train.model, params.train.conv_channels) == ("cnn", [8, 16])
     assert params.device == "mps"
     assert params.train.epochs == accuracy.with_overrides([]).train.epochs
