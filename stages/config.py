@@ -76,6 +76,7 @@ class TrainParams(Section):
     hflip: bool = False  # augmentation: random left-right flips
     model: Literal["mlp", "cnn"] = "mlp"
     hidden_sizes: Annotated[list[PositiveInt], Field(min_length=1)] = [512, 512]
+    init: Literal["torch", "kaiming"] = "kaiming"  # initial weights: PyTorch's layer default or He
     conv_channels: Annotated[list[PositiveInt], Field(min_length=1, max_length=3)] = [32, 64]
     num_threads: Annotated[int, Field(ge=0)] = 0  # 0: one per physical core
     checkpoint_every_steps: Annotated[int, Field(ge=0)] = 0  # 0: at the end of each epoch only

@@ -67,11 +67,30 @@ class ConvNet(nn.Module):
         return self.linear_relu_stack(self.flatten(self.features(x)))
 
 
+def kaiming_init(model: nn.Module) -> None:
+    """He et al. (2015) for ReLU networks: weights ~ N(0, 2 / fan_in), zero biases.
+
+    PyTorch's own Linear init draws from U(+-1/sqrt(fan_in)), a third of this variance; the
+    larger start trains the tutorial's network to a better optimum in 20 epochs (README).
+    """
+    for layer in model.modules():
+        if isinstance(layer, nn.Linear | nn.Conv2d):
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
 def build_model(p: TrainParams) -> nn.Module:
-    """The network `train.model` names, shaped by `train.hidden_sizes` (and `conv_channels`)."""
-    if p.model == "cnn":
-        return ConvNet(p.conv_channels, p.hidden_sizes)
-    return NeuralNetwork(p.hidden_sizes)
+    """The network `train.model` names, shaped by `train.hidden_sizes` (and `conv_channels`),
+    its weights drawn as `train.init` says."""
+    model = (
+        ConvNet(p.conv_channels, p.hidden_sizes)
+        if p.model == "cnn"
+        else NeuralNetwork(p.hidden_sizes)
+    )
+    if p.init == "kaiming":
+        kaiming_init(model)
+    return model
 
 
 def describe(p: TrainParams) -> str:

@@ -38,6 +38,7 @@ def test_committed_params_state_the_code_defaults() -> None:
         ({"train": {"hidden_sizes": []}}, "train.hidden_sizes = []"),
         ({"train": {"optimizer": "lbfgs"}}, "train.optimizer = 'lbfgs': Input should be 'sgd'"),
         ({"train": {"model": "vit"}}, "train.model = 'vit': Input should be 'mlp' or 'cnn'"),
+        ({"train": {"init": "xavier"}}, "train.init = 'xavier': Input should be 'torch' or"),
         ({"train": {"conv_channels": [8, 8, 8, 8]}}, "train.conv_channels = [8, 8, 8, 8]"),
         ({"preprocess": {"val_fraction": 1.0}}, "preprocess.val_fraction = 1.0"),
         ({"preprocess": {"mean": 0.3}}, "set both mean and std"),

@@ -9,7 +9,7 @@ import stages.train
 from stages.artifacts import load_torch
 from stages.config import Params
 from stages.errors import StageError
-from stages.model import NeuralNetwork
+from stages.model import NeuralNetwork, build_model
 from stages.train import train
 
 from .test_artifacts import _Payload
@@ -22,6 +22,21 @@ def test_the_seed_network_shape() -> None:
         (512, 784), (512,), (512, 512), (512,), (10, 512), (10,)
     ]  # fmt: skip
     assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_init_draws_he_weights_or_keeps_pytorchs(model: str) -> None:
+    p = Params().train.model_copy(update={"model": model, "conv_channels": [8]})
+    torch.manual_seed(0)
+    he = build_model(p.model_copy(update={"init": "kaiming"}))
+    torch.manual_seed(0)
+    default = build_model(p.model_copy(update={"init": "torch"}))
+    for layer_he, layer_default in zip(he.modules(), default.modules(), strict=True):
+        if isinstance(layer_he, torch.nn.Linear | torch.nn.Conv2d):
+            fan_in = layer_he.weight[0].numel()
+            assert layer_he.weight.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.1)
+            assert layer_default.weight.std().item() == pytest.approx((3 * fan_in) ** -0.5, rel=0.1)
+            assert layer_he.bias is None or not layer_he.bias.any()
 
 
 def test_weights_load_strictly_into_a_fresh_instance(trained: dict[str, Path]) -> None:
