@@ -12,7 +12,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -136,9 +136,24 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_paths(*dests: Path) -> Iterator[list[Path]]:
-    """atomic_path for a stage's several outs: none is replaced unless the whole block succeeds."""
-    with ExitStack() as stack:
-        yield [stack.enter_context(atomic_path(dest)) for dest in dests]
+    """atomic_path for a stage's several outs: none is replaced unless the whole block succeeds.
+
+    All are written and synced before the first rename; only a kill between the renames (a few
+    microseconds) could leave old and new outs side by side, and `dvc status` would show it.
+    """
+    dests = tuple(map(Path, dests))
+    temps: list[Path] = []
+    try:
+        temps += [_new_temp(dest, folder=False) for dest in dests]
+        yield list(temps)
+        for tmp in temps:
+            _fsync(tmp)
+            os.chmod(tmp, 0o644)
+        for tmp, dest in zip(temps, dests, strict=True):
+            os.replace(tmp, dest)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
 
 
 def write_text(text: str, dest: Path) -> None:

@@ -70,11 +70,15 @@ def read_metrics(path: Path) -> dict[str, float]:
         metrics = json.loads(path.read_text())
     except FileNotFoundError:
         raise StageError(f"{path}: missing; run the evaluate stage first") from None
-    except json.JSONDecodeError as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise StageError(f"{path}: not valid JSON ({exc}); rerun the evaluate stage") from None
-    if not isinstance(metrics, dict) or not metrics.keys() >= METRIC_KEYS:
+    numbers = isinstance(metrics, dict) and all(
+        isinstance(metrics.get(key), int | float) and not isinstance(metrics[key], bool)
+        for key in METRIC_KEYS
+    )
+    if not numbers:
         raise StageError(
-            f"{path}: expected an object with {', '.join(sorted(METRIC_KEYS))}; "
+            f"{path}: expected an object with the numbers {', '.join(sorted(METRIC_KEYS))}; "
             "rerun the evaluate stage"
         )
     return metrics

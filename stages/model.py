@@ -70,8 +70,8 @@ class ConvNet(nn.Module):
 def kaiming_init(model: nn.Module) -> None:
     """He et al. (2015) for ReLU networks: weights ~ N(0, 2 / fan_in), zero biases.
 
-    PyTorch's own Linear init draws from U(+-1/sqrt(fan_in)), a third of this variance; the
-    larger start trains the tutorial's network to a better optimum in 20 epochs (README).
+    PyTorch's own Linear init draws from U(+-1/sqrt(fan_in)), a sixth of this variance; the
+    larger start trains the tutorial's network a little better in 20 epochs (README).
     """
     for layer in model.modules():
         if isinstance(layer, nn.Linear | nn.Conv2d):

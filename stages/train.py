@@ -2,8 +2,9 @@
 
 Trains the tutorial's NeuralNetwork (or, with train.model: cnn, a small CNN) on
 data/processed/train.pt, normalised with data/processed/stats.json, checking accuracy on
-data/processed/val.pt after each epoch (in batches of evaluate.batch_size). The optimizer,
-schedule, batch size, epochs, loss settings, seed and device come from params.yaml. Writes the
+data/processed/val.pt after each epoch (in batches of evaluate.batch_size). The network and its
+initial weights, the optimizer, schedule, batch size, epochs, loss settings, augmentation, seed
+and device come from params.yaml (the train section). Writes the
 state_dict to models/train/model_weights.pth and the per-epoch curves (train loss, val loss, val
 accuracy) with dvclive to reports/train/. It checkpoints to models/checkpoints/train.pt after
 each epoch (and every train.checkpoint_every_steps batches); a rerun with the same params, data

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.artifacts import atomic_dir, atomic_path, save_torch, write_json
+import stages.artifacts
+from stages.artifacts import atomic_dir, atomic_path, atomic_paths, save_torch, write_json
 
 
 def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
@@ -15,6 +16,39 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> No
         raise RuntimeError("killed half-way")
     assert dest.read_text() == '{\n  "v": 1\n}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_outs_written_together_are_replaced_together_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dests = [tmp_path / "metrics.json", tmp_path / "plot.png"]
+    for dest in dests:
+        dest.write_text("old")
+    with pytest.raises(RuntimeError), atomic_paths(*dests) as temps:
+        for tmp in temps:
+            tmp.write_text("new")
+        raise RuntimeError("an input found bad after the outs were written")
+    assert [d.read_text() for d in dests] == ["old", "old"]
+
+    synced: list[Path] = []
+
+    def fsync_failing_on_the_second(path: Path) -> None:
+        synced.append(path)
+        if len(synced) == 2:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(stages.artifacts, "_fsync", fsync_failing_on_the_second)
+    with pytest.raises(OSError), atomic_paths(*dests) as temps:
+        for tmp in temps:
+            tmp.write_text("new")
+    assert [d.read_text() for d in dests] == ["old", "old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "plot.png"]
+
+    monkeypatch.undo()
+    with atomic_paths(*dests) as temps:
+        for tmp in temps:
+            tmp.write_text("new")
+    assert [d.read_text() for d in dests] == ["new", "new"]
 
 
 def test_failed_folder_write_keeps_the_old_folder(tmp_path: Path) -> None:

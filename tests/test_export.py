@@ -73,7 +73,8 @@ def test_a_cnn_trains_evaluates_and_exports_with_a_card_that_rebuilds_it(
     ("metrics", "error"),
     [
         ('{"accuracy": 0.9', r"metrics\.json: not valid JSON"),
-        ('{"accuracy": 0.9}', r"metrics\.json: expected an object with accuracy, loss, macro_f1"),
+        ('{"accuracy": 0.9}', r"metrics\.json: expected an object with the numbers accuracy"),
+        ('{"accuracy": "x", "loss": 1, "macro_f1": 1}', r"metrics\.json: expected an object"),
     ],
 )
 def test_bad_metrics_stop_export_before_any_out_changes(
