@@ -84,20 +84,6 @@ def _new_temp(dest: Path, folder: bool) -> Path:
         raise _unwritable(dest, exc) from None
 
 
-@contextmanager
-def atomic_path(dest: Path) -> Iterator[Path]:
-    """Yields a temporary path in dest's folder; renames it onto dest only if the block succeeds."""
-    dest = Path(dest)
-    tmp = _new_temp(dest, folder=False)
-    try:
-        yield tmp
-        _fsync(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _keep_git_ignores(old: Path, new: Path) -> None:
     # DVC writes .gitignore files into folders that hold outs (reports/train/ holds two), and git
     # tracks them: a folder swapped in must carry them over, or the outs show up in `git status`.
@@ -136,10 +122,11 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_paths(*dests: Path) -> Iterator[list[Path]]:
-    """atomic_path for a stage's several outs: none is replaced unless the whole block succeeds.
+    """Yields a temporary path beside each dest; none replaces its dest unless the block succeeds.
 
-    All are written and synced before the first rename; only a kill between the renames (a few
-    microseconds) could leave old and new outs side by side, and `dvc status` would show it.
+    For a stage's several outs: all are written and synced before the first rename; only a kill
+    between the renames (microseconds) could leave old and new outs side by side, and
+    `dvc status` would show it.
     """
     dests = tuple(map(Path, dests))
     temps: list[Path] = []
@@ -154,6 +141,13 @@ def atomic_paths(*dests: Path) -> Iterator[list[Path]]:
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(dest: Path) -> Iterator[Path]:
+    """Yields a temporary path in dest's folder; renames it onto dest only if the block succeeds."""
+    with atomic_paths(dest) as (tmp,):
+        yield tmp
 
 
 def write_text(text: str, dest: Path) -> None:
