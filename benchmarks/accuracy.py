@@ -48,10 +48,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                        help="train once per seed (default: 0 1 2)")  # fmt: skip
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="change a parameter for this run, e.g. train.epochs=10")  # fmt: skip
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="train once per seed (default: 0 1 2)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="change a parameter for this run, e.g. train.epochs=10",
+    )
     args = parser.parse_args()
     params = with_overrides(args.set)
     device = resolve_device(params.device)
@@ -61,20 +71,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             out = Path(tmp) / str(seed)
-            train.fn(params.model_copy(update={"seed": seed}), PROCESSED_DIR,
-                     out / "model_weights.pth", out / "live", out / "checkpoint.pt")  # fmt: skip
+            train.fn(
+                params.model_copy(update={"seed": seed}),
+                PROCESSED_DIR,
+                out / "model_weights.pth",
+                out / "live",
+                out / "checkpoint.pt",
+            )
             model = load_model(out / "model_weights.pth", params.train, device)
             loader = make_loader(test_data, params.evaluate.batch_size, shuffle=False)
             _, predictions = test_loop(loader, model)
             accuracies.append(round(accuracy(predictions, test_data.labels), 4))
-    print(json.dumps({
-        **({"set": args.set} if args.set else {}),
-        "seeds": args.seeds,
-        "accuracies": accuracies,
-        "mean": round(sum(accuracies) / len(accuracies), 4),
-        "epochs": params.train.epochs,
-        "wall_s": round(time.perf_counter() - start, 1),
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                **({"set": args.set} if args.set else {}),
+                "seeds": args.seeds,
+                "accuracies": accuracies,
+                "mean": round(sum(accuracies) / len(accuracies), 4),
+                "epochs": params.train.epochs,
+                "wall_s": round(time.perf_counter() - start, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -59,8 +59,9 @@ def limited(loader: Iterable, batches: int) -> Iterable:
             done += 1
 
 
-def samples_per_second(run: Callable[[int], None], batch_size: int, samples: int,
-                       device: torch.device) -> float:  # fmt: skip
+def samples_per_second(
+    run: Callable[[int], None], batch_size: int, samples: int, device: torch.device
+) -> float:
     """Times `run(batches)` for `samples` samples after a warm-up of 20 batches."""
     run(20)
     if device.type == "cuda":
@@ -73,8 +74,9 @@ def samples_per_second(run: Callable[[int], None], batch_size: int, samples: int
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def measure(batch_size: int, samples: int, rounds: int, device: torch.device,
-            tutorial_root: Path | None) -> dict[str, float]:  # fmt: skip
+def measure(
+    batch_size: int, samples: int, rounds: int, device: torch.device, tutorial_root: Path | None
+) -> dict[str, float]:
     params = load_params()
     runs: dict[str, Callable[[int], None]] = {}
     torch.manual_seed(0)
@@ -100,9 +102,17 @@ def measure(batch_size: int, samples: int, rounds: int, device: torch.device,
     limit_model, limit_optimizer = fresh_sgd()
 
     def limit(n: int) -> None:
-        sgd_step_loop(((x_all[i * batch_size:(i + 1) * batch_size],
-                        y_all[i * batch_size:(i + 1) * batch_size]) for i in range(n)),
-                      limit_model, limit_optimizer)  # fmt: skip
+        sgd_step_loop(
+            (
+                (
+                    x_all[i * batch_size : (i + 1) * batch_size],
+                    y_all[i * batch_size : (i + 1) * batch_size],
+                )
+                for i in range(n)
+            ),
+            limit_model,
+            limit_optimizer,
+        )
 
     runs["limit"] = limit
 
@@ -111,14 +121,16 @@ def measure(batch_size: int, samples: int, rounds: int, device: torch.device,
     stage_loader = make_loader(train_data, batch_size, shuffle=True, generator=torch.Generator())
     stage_model, stage_optimizer = fresh_sgd()
     loss_fn = nn.CrossEntropyLoss()
-    runs["stage"] = lambda n: train_loop(limited(stage_loader, n), stage_model, loss_fn,
-                                         stage_optimizer)  # fmt: skip
+    runs["stage"] = lambda n: train_loop(
+        limited(stage_loader, n), stage_model, loss_fn, stage_optimizer
+    )
 
     # (c') the same loop as the default params configure it.
     p = params.train
     default_data = load_dataset(PROCESSED_DIR, "train", device, make_augment(p, params.seed))
-    default_loader = make_loader(default_data, batch_size, shuffle=True,
-                                 generator=torch.Generator())  # fmt: skip
+    default_loader = make_loader(
+        default_data, batch_size, shuffle=True, generator=torch.Generator()
+    )
     default_model = build_model(p).to(device)
     default_optimizer = make_optimizer(default_model, p)
     scheduler = make_scheduler(default_optimizer, p, len(default_loader))

@@ -178,9 +178,12 @@ def stage_runs_in_progress(repo: Repo) -> list[str]:
     holders = [*table.get("write", {}).values()]
     holders += [info for infos in table.get("read", {}).values() for info in infos]
     return sorted(
-        {f"PID {h['pid']}: {h['cmd']}" for h in holders
-         if h["pid"] != os.getpid() and psutil.pid_exists(h["pid"])}
-    )  # fmt: skip
+        {
+            f"PID {h['pid']}: {h['cmd']}"
+            for h in holders
+            if h["pid"] != os.getpid() and psutil.pid_exists(h["pid"])
+        }
+    )
 
 
 @contextmanager

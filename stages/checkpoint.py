@@ -25,8 +25,17 @@ from stages.artifacts import file_digest, load_torch, save_torch, source_digest
 from stages.config import Params
 
 CHECKPOINT_FORMAT = 1
-REQUIRED_KEYS = {"fingerprints", "epoch", "order", "record", "history", "model", "optimizer",
-                 "scheduler", "rng"}  # fmt: skip
+REQUIRED_KEYS = {
+    "fingerprints",
+    "epoch",
+    "order",
+    "record",
+    "history",
+    "model",
+    "optimizer",
+    "scheduler",
+    "rng",
+}
 # Settings that change how often checkpoints are written, not what training computes.
 NOT_FINGERPRINTED = {"checkpoint_every_steps"}
 
@@ -36,16 +45,24 @@ def fingerprints(
 ) -> dict[str, str]:
     """What a checkpoint must match to be resumed: the params, the data and the code."""
     return {
-        "params": _sha256_json({
-            "seed": params.seed,
-            "train": params.train.model_dump(exclude=NOT_FINGERPRINTED),
-            "evaluate": params.evaluate.model_dump(),
-        }),
+        "params": _sha256_json(
+            {
+                "seed": params.seed,
+                "train": params.train.model_dump(exclude=NOT_FINGERPRINTED),
+                "evaluate": params.evaluate.model_dump(),
+            }
+        ),
         "data": data_fingerprint(processed_dir),
         # The thread count changes how CPU kernels split their sums, so it is part of the run.
-        "code": _sha256_json({"stages": source_digest(), "torch": torch.__version__,
-                              "device": str(device), "threads": num_threads}),
-    }  # fmt: skip
+        "code": _sha256_json(
+            {
+                "stages": source_digest(),
+                "torch": torch.__version__,
+                "device": str(device),
+                "threads": num_threads,
+            }
+        ),
+    }
 
 
 def _sha256_json(value: Any) -> str:

@@ -46,13 +46,15 @@ def per_class_table(counts: torch.Tensor) -> pd.DataFrame:
     precision = hits / counts.sum(dim=0).clamp(min=1)
     recall = hits / counts.sum(dim=1).clamp(min=1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-    return pd.DataFrame({
-        "class": CLASSES,
-        "precision": precision.numpy().round(6),
-        "recall": recall.numpy().round(6),
-        "f1": f1.numpy().round(6),
-        "support": counts.sum(dim=1).to(torch.int64).numpy(),
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "class": CLASSES,
+            "precision": precision.numpy().round(6),
+            "recall": recall.numpy().round(6),
+            "f1": f1.numpy().round(6),
+            "support": counts.sum(dim=1).to(torch.int64).numpy(),
+        }
+    )
 
 
 def save_figure(figure: Figure, path: Path) -> None:
@@ -132,10 +134,12 @@ def evaluate(
         "loss": round(loss, 6),
         "macro_f1": round(float(table["f1"].mean()), 6),
     }
-    pairs = pd.DataFrame({
-        "actual": [CLASSES[i] for i in labels.tolist()],
-        "predicted": [CLASSES[i] for i in predictions.tolist()],
-    })  # fmt: skip
+    pairs = pd.DataFrame(
+        {
+            "actual": [CLASSES[i] for i in labels.tolist()],
+            "predicted": [CLASSES[i] for i in predictions.tolist()],
+        }
+    )
     with atomic_paths(*(Path(out_dir) / name for name in OUT_FILES)) as staged:
         outs = dict(zip(OUT_FILES, staged, strict=True))
         outs["metrics.json"].write_text(json_text(metrics))

@@ -56,8 +56,12 @@ class ConvNet(nn.Module):
         blocks: list[nn.Module] = []
         channels, side = 1, 28
         for out in conv_channels:
-            blocks += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out),
-                       nn.ReLU(), nn.MaxPool2d(2)]  # fmt: skip
+            blocks += [
+                nn.Conv2d(channels, out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
             channels, side = out, side // 2
         self.features = nn.Sequential(*blocks)
         self.flatten = nn.Flatten()
@@ -104,9 +108,11 @@ def architecture(p: TrainParams) -> str:
     """`build_model(p)` in words, for the model card."""
     head = "-".join(map(str, [*p.hidden_sizes, NUM_CLASSES]))
     if p.model == "cnn":
-        return (f"ConvNet: 3x3 Conv-BatchNorm-ReLU-MaxPool blocks of "
-                f"{', '.join(map(str, p.conv_channels))} channels, then Flatten and Linear layers "
-                f"to {head} with ReLU between them")  # fmt: skip
+        return (
+            f"ConvNet: 3x3 Conv-BatchNorm-ReLU-MaxPool blocks of "
+            f"{', '.join(map(str, p.conv_channels))} channels, then Flatten and Linear layers "
+            f"to {head} with ReLU between them"
+        )
     return f"NeuralNetwork: Flatten, then Linear layers {IMAGE_SIZE}-{head} with ReLU between them"
 
 

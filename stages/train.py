@@ -84,8 +84,11 @@ def make_scheduler(
     if p.scheduler == "onecycle":
         momentum = {}
         if p.optimizer == "sgd":
-            momentum = {"cycle_momentum": p.momentum > 0, "max_momentum": p.momentum,
-                        "base_momentum": max(0.0, round(p.momentum - MOMENTUM_DIP, 6))}  # fmt: skip
+            momentum = {
+                "cycle_momentum": p.momentum > 0,
+                "max_momentum": p.momentum,
+                "base_momentum": max(0.0, round(p.momentum - MOMENTUM_DIP, 6)),
+            }
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, p.learning_rate, total_steps=total, **momentum
         )
@@ -161,8 +164,12 @@ class Progress:
     history: list[dict[str, float]] = field(default_factory=list)
 
     def to_state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "order": self.order, "record": self.record.to_state(),
-                "history": self.history}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "order": self.order,
+            "record": self.record.to_state(),
+            "history": self.history,
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> Progress:
@@ -252,8 +259,13 @@ def train(
     if resumed is not None:
         restore_training(resumed, model, optimizer, scheduler, generators, device)
         at = Progress.from_state(resumed, device)
-        log.info("resuming from %s: epoch %d, batch %d of %d", checkpoint_path, at.epoch,
-                 len(at.record.losses), steps_per_epoch)  # fmt: skip
+        log.info(
+            "resuming from %s: epoch %d, batch %d of %d",
+            checkpoint_path,
+            at.epoch,
+            len(at.record.losses),
+            steps_per_epoch,
+        )
 
     def checkpoint() -> None:
         trained = training_state(model, optimizer, scheduler, generators, device)
@@ -268,8 +280,14 @@ def train(
             require_finite(record, at.epoch, steps_per_epoch, p)  # never checkpoint divergence
             checkpoint()
 
-    log.info("training %d epochs on %d images, batch %d, %s lr %g", p.epochs, len(train_data),
-             p.batch_size, p.optimizer, p.learning_rate)  # fmt: skip
+    log.info(
+        "training %d epochs on %d images, batch %d, %s lr %g",
+        p.epochs,
+        len(train_data),
+        p.batch_size,
+        p.optimizer,
+        p.learning_rate,
+    )
     # The weights and the curves are replaced together, once training has finished.
     with (
         atomic_path(weights_path) as weights_staging,
@@ -288,10 +306,15 @@ def train(
             at.history.append(metrics)
             log_epoch(live, metrics)
             bar.update()
-            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}",
-                            val_acc=f"{metrics['val/accuracy']:.4f}")  # fmt: skip
-            log.info("epoch %d/%d: %s", at.epoch, p.epochs,
-                     ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))  # fmt: skip
+            bar.set_postfix(
+                loss=f"{metrics['train/loss']:.4f}", val_acc=f"{metrics['val/accuracy']:.4f}"
+            )
+            log.info(
+                "epoch %d/%d: %s",
+                at.epoch,
+                p.epochs,
+                ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+            )
             at = Progress(at.epoch + 1, order_generator.get_state(), history=at.history)
             checkpoint()
         bar.close()

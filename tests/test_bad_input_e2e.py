@@ -137,71 +137,145 @@ def dead_prefect(repo: Path, tmp: Path, mirror: Path) -> tuple[list[str], dict[s
 
 
 def pickled_code(repo: Path, tmp: Path, mirror: Path) -> tuple[list[str], dict[str, str]]:
-    torch.save({"images": _Payload(tmp / "pwned"), "labels": None},
-               repo / "data/processed/train.pt")  # fmt: skip
+    torch.save(
+        {"images": _Payload(tmp / "pwned"), "labels": None}, repo / "data/processed/train.pt"
+    )
     return ["-s", "train"], {}
 
 
 CASES: list[tuple[str, Setup, str]] = [
-    ("yaml-syntax", params_text("train: [epochs: 1\n"),
-     "'params.yaml', YAML file structure is corrupted: while parsing a flow sequence\n"
-     '  in "<unicode string>", line 1, column 8'),
-    ("unknown-key", params(train={"lerning_rate": 0.01}),
-     "train.lerning_rate = 0.01: unknown key; allowed keys here: epochs, batch_size"),
-    ("wrong-type", params(train={"epochs": "ten"}),
-     "train.epochs = 'ten': Input should be a valid integer"),
-    ("learning-rate-zero", params(train={"learning_rate": 0}),
-     "train.learning_rate = 0: Input should be greater than 0"),
-    ("learning-rate-negative", params(train={"learning_rate": -1}),
-     "train.learning_rate = -1: Input should be greater than 0"),
-    ("batch-size-zero", params(train={"batch_size": 0}),
-     "train.batch_size = 0: Input should be greater than 0"),
-    ("batch-larger-than-split", params(train={"batch_size": 100000}),
-     "train.batch_size = 100000: larger than the train split (54000)"),
-    ("epochs-zero", params(train={"epochs": 0}),
-     "train.epochs = 0: Input should be greater than 0"),
-    ("hidden-sizes-empty", params(train={"hidden_sizes": []}),
-     "train.hidden_sizes = []: List should have at least 1 item"),
-    ("val-fraction-one", params(preprocess={"val_fraction": 1.0}),
-     "preprocess.val_fraction = 1.0: Input should be less than 1"),
-    ("val-fraction-zero", params(preprocess={"val_fraction": 0.0}),
-     "preprocess.val_fraction = 0.0: Input should be greater than 0"),
-    ("unknown-optimizer", params(train={"optimizer": "rmsprop"}),
-     "train.optimizer = 'rmsprop': Input should be 'sgd', 'adam' or 'adamw'"),
+    (
+        "yaml-syntax",
+        params_text("train: [epochs: 1\n"),
+        "'params.yaml', YAML file structure is corrupted: while parsing a flow sequence\n"
+        '  in "<unicode string>", line 1, column 8',
+    ),
+    (
+        "unknown-key",
+        params(train={"lerning_rate": 0.01}),
+        "train.lerning_rate = 0.01: unknown key; allowed keys here: epochs, batch_size",
+    ),
+    (
+        "wrong-type",
+        params(train={"epochs": "ten"}),
+        "train.epochs = 'ten': Input should be a valid integer",
+    ),
+    (
+        "learning-rate-zero",
+        params(train={"learning_rate": 0}),
+        "train.learning_rate = 0: Input should be greater than 0",
+    ),
+    (
+        "learning-rate-negative",
+        params(train={"learning_rate": -1}),
+        "train.learning_rate = -1: Input should be greater than 0",
+    ),
+    (
+        "batch-size-zero",
+        params(train={"batch_size": 0}),
+        "train.batch_size = 0: Input should be greater than 0",
+    ),
+    (
+        "batch-larger-than-split",
+        params(train={"batch_size": 100000}),
+        "train.batch_size = 100000: larger than the train split (54000)",
+    ),
+    (
+        "epochs-zero",
+        params(train={"epochs": 0}),
+        "train.epochs = 0: Input should be greater than 0",
+    ),
+    (
+        "hidden-sizes-empty",
+        params(train={"hidden_sizes": []}),
+        "train.hidden_sizes = []: List should have at least 1 item",
+    ),
+    (
+        "val-fraction-one",
+        params(preprocess={"val_fraction": 1.0}),
+        "preprocess.val_fraction = 1.0: Input should be less than 1",
+    ),
+    (
+        "val-fraction-zero",
+        params(preprocess={"val_fraction": 0.0}),
+        "preprocess.val_fraction = 0.0: Input should be greater than 0",
+    ),
+    (
+        "unknown-optimizer",
+        params(train={"optimizer": "rmsprop"}),
+        "train.optimizer = 'rmsprop': Input should be 'sgd', 'adam' or 'adamw'",
+    ),
     ("cuda-missing", params(device="cuda"), "device = 'cuda': CUDA is not available"),
-    ("corrupted-raw-file", mirror_env(lambda t, m: damaged_mirror(t, m, flip_byte)),
-     "t10k-labels-idx1-ubyte.gz from {mirror}: md5 "),
-    ("truncated-raw-file", mirror_env(lambda t, m: damaged_mirror(t, m, lambda d: d[:1000])),
-     "t10k-labels-idx1-ubyte.gz from {mirror}: md5 "),
-    ("missing-mirror", mirror_env(lambda t, m: str(t / "absent")),
-     "not a folder or an http(s) URL"),
-    ("unreachable-mirror", mirror_env(lambda t, m: f"http://127.0.0.1:{free_port()}"),
-     "unreachable after 2 attempts"),
-    ("wrong-idx-magic", raw_file(TRAIN_LABELS, set_magic),
-     f"{TRAIN_LABELS}: IDX magic number 0x00000803, expected 0x00000801"),
-    ("wrong-idx-shape", raw_file(TRAIN_IMAGES, set_shape),
-     f"{TRAIN_IMAGES}: images are [14, 56], expected 28x28"),
-    ("label-out-of-range", raw_file(TRAIN_LABELS, set_label_10),
-     f"{TRAIN_LABELS}: label 10 found, expected 0..9"),
-    ("processed-wrong-dtype", processed_split(lambda d: {**d, "images": d["images"].float()}),
-     "data/processed/train.pt: images must be uint8 [N,28,28], got torch.float32"),
-    ("processed-wrong-shape", processed_split(lambda d: {**d, "labels": d["labels"][:-1]}),
-     "data/processed/train.pt: labels must be int64 [54000], got torch.int64 [53999]"),
+    (
+        "corrupted-raw-file",
+        mirror_env(lambda t, m: damaged_mirror(t, m, flip_byte)),
+        "t10k-labels-idx1-ubyte.gz from {mirror}: md5 ",
+    ),
+    (
+        "truncated-raw-file",
+        mirror_env(lambda t, m: damaged_mirror(t, m, lambda d: d[:1000])),
+        "t10k-labels-idx1-ubyte.gz from {mirror}: md5 ",
+    ),
+    (
+        "missing-mirror",
+        mirror_env(lambda t, m: str(t / "absent")),
+        "not a folder or an http(s) URL",
+    ),
+    (
+        "unreachable-mirror",
+        mirror_env(lambda t, m: f"http://127.0.0.1:{free_port()}"),
+        "unreachable after 2 attempts",
+    ),
+    (
+        "wrong-idx-magic",
+        raw_file(TRAIN_LABELS, set_magic),
+        f"{TRAIN_LABELS}: IDX magic number 0x00000803, expected 0x00000801",
+    ),
+    (
+        "wrong-idx-shape",
+        raw_file(TRAIN_IMAGES, set_shape),
+        f"{TRAIN_IMAGES}: images are [14, 56], expected 28x28",
+    ),
+    (
+        "label-out-of-range",
+        raw_file(TRAIN_LABELS, set_label_10),
+        f"{TRAIN_LABELS}: label 10 found, expected 0..9",
+    ),
+    (
+        "processed-wrong-dtype",
+        processed_split(lambda d: {**d, "images": d["images"].float()}),
+        "data/processed/train.pt: images must be uint8 [N,28,28], got torch.float32",
+    ),
+    (
+        "processed-wrong-shape",
+        processed_split(lambda d: {**d, "labels": d["labels"][:-1]}),
+        "data/processed/train.pt: labels must be int64 [54000], got torch.int64 [53999]",
+    ),
     ("pickled-code", pickled_code, "data/processed/train.pt: not a readable tensor file"),
-    ("read-only-output-folder", params(train={"learning_rate": 0.05}),
-     "models/train/model_weights.pth: cannot write into models/train/"),
-    ("non-finite-loss", params(train={"optimizer": "sgd", "learning_rate": 1e30}),
-     "training diverged: loss nan at epoch 1, step 2 (batch 2 of 422), learning rate 4.01501e+28 "
-     "(train.learning_rate = 1e+30)"),
+    (
+        "read-only-output-folder",
+        params(train={"learning_rate": 0.05}),
+        "models/train/model_weights.pth: cannot write into models/train/",
+    ),
+    (
+        "non-finite-loss",
+        params(train={"optimizer": "sgd", "learning_rate": 1e30}),
+        "training diverged: loss nan at epoch 1, step 2 (batch 2 of 422), "
+        "learning rate 4.01501e+28 (train.learning_rate = 1e+30)",
+    ),
     ("dead-prefect-server", dead_prefect, "no Prefect server answers at PREFECT_API_URL="),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("setup", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_names_the_culprit_and_changes_nothing(
-    pipeline_copy: Path, tmp_path: Path, real_mirror: Path, setup: Setup, message: str,
+    pipeline_copy: Path,
+    tmp_path: Path,
+    real_mirror: Path,
+    setup: Setup,
+    message: str,
     request: pytest.FixtureRequest,
-) -> None:  # fmt: skip
+) -> None:
     case = request.node.callspec.id
     if case == "cuda-missing" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

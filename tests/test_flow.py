@@ -20,9 +20,11 @@ def test_a_stage_run_by_subprocess_counts_as_run_not_cached(
         dvc_run, "cmd_run", lambda stage, dry=False, run_env=None: subprocess_runs.append(stage.cmd)
     )
     shell_stage = SimpleNamespace(
-        name="report", cmd="echo done > report.txt", reproduce=lambda **_: shell_stage,
+        name="report",
+        cmd="echo done > report.txt",
+        reproduce=lambda **_: shell_stage,
         dump=lambda update_pipeline: None,
-    )  # fmt: skip
+    )
     log = RunLog()
     with in_process_commands(Params(), log):
         dvc_run.cmd_run(shell_stage)

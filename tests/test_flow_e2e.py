@@ -30,8 +30,12 @@ STAGES = ["download", "preprocess", "train", "evaluate", "export"]
 
 
 def run_flow(repo: Path, api: str, *args: str, check: bool = True, **env: str):
-    result = run(["python", "-m", "flows.pipeline", *args], repo,
-                 tool_env(PREFECT_API_URL=api, **env), check=check)  # fmt: skip
+    result = run(
+        ["python", "-m", "flows.pipeline", *args],
+        repo,
+        tool_env(PREFECT_API_URL=api, **env),
+        check=check,
+    )
     return result, flow_run_id(result.stdout + result.stderr)
 
 
@@ -104,9 +108,13 @@ def test_flow_from_scratch_leaves_the_lock_dvc_repro_leaves(
 
 def test_targets_and_force(pipeline_copy: Path, prefect_server: str, real_mirror: Path) -> None:
     _, run_id = run_flow(
-        pipeline_copy, prefect_server, "--target", "preprocess", "--force",
+        pipeline_copy,
+        prefect_server,
+        "--target",
+        "preprocess",
+        "--force",
         FMNIST_MIRROR=str(real_mirror),
-    )  # fmt: skip
+    )
     assert task_states(prefect_server, run_id) == {
         "download": "Completed",
         "preprocess": "Completed",
@@ -142,10 +150,13 @@ def test_flow_and_dvc_repro_never_interleave(pipeline_copy: Path, prefect_server
 def test_dvc_repro_refuses_while_the_flow_runs(pipeline_copy: Path, prefect_server: str) -> None:
     edit_params(pipeline_copy, train={"learning_rate": 0.004, "epochs": 3})
     flow = subprocess.Popen(
-        ["python", "-m", "flows.pipeline"], cwd=pipeline_copy,
-        env=tool_env(PREFECT_API_URL=prefect_server), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        ["python", "-m", "flows.pipeline"],
+        cwd=pipeline_copy,
+        env=tool_env(PREFECT_API_URL=prefect_server),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert flow.stdout is not None
         for line in flow.stdout:
@@ -165,9 +176,12 @@ def test_serve_registers_the_schedule_and_runs_on_demand(
 ) -> None:
     serve = subprocess.Popen(
         [str(VENV_BIN / "python"), "-m", "flows.serve", "--cron", "0 3 * * *"],
-        cwd=pipeline_copy, env=tool_env(PREFECT_API_URL=prefect_server),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        cwd=pipeline_copy,
+        env=tool_env(PREFECT_API_URL=prefect_server),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deployment = None
         deadline = time.monotonic() + 90
@@ -199,8 +213,12 @@ def test_serve_registers_the_schedule_and_runs_on_demand(
 
 def test_serve_without_a_server_says_how_to_start_one(tmp_path: Path) -> None:
     started = time.monotonic()
-    result = run(["python", "-m", "flows.serve"], tmp_path,
-                 tool_env(PREFECT_API_URL="http://127.0.0.1:9/api"), check=False)  # fmt: skip
+    result = run(
+        ["python", "-m", "flows.serve"],
+        tmp_path,
+        tool_env(PREFECT_API_URL="http://127.0.0.1:9/api"),
+        check=False,
+    )
     assert result.returncode != 0
     assert "prefect server start --host 127.0.0.1" in result.stderr
     assert time.monotonic() - started < 30
@@ -210,22 +228,35 @@ CHROMIUM = shutil.which("chromium")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
-def test_ui_shows_the_five_task_runs(pipeline_copy: Path, prefect_server: str,
-                                     tmp_path: Path) -> None:  # fmt: skip
+def test_ui_shows_the_five_task_runs(
+    pipeline_copy: Path, prefect_server: str, tmp_path: Path
+) -> None:
     _, run_id = run_flow(pipeline_copy, prefect_server)
     ui = prefect_server.removesuffix("/api")
     url = f"{ui}/runs/flow-run/{run_id}?tab=Task%20Runs"
     flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", "--disable-sync",
-        "--run-all-compositor-stages-before-draw", "--virtual-time-budget=30000",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-sync",
+        "--run-all-compositor-stages-before-draw",
+        "--virtual-time-budget=30000",
         "--window-size=1400,1000",
-    ]  # fmt: skip
+    ]
     shot = Path(os.environ.get("UI_SCREENSHOT_DIR", tmp_path)) / "flow-run.png"
-    run([CHROMIUM, *flags, f"--user-data-dir={tmp_path / 'shot'}", f"--screenshot={shot}", url],
-        tmp_path, tool_env())  # fmt: skip
-    dom = run([CHROMIUM, *flags, f"--user-data-dir={tmp_path / 'dom'}", "--dump-dom", url],
-              tmp_path, tool_env()).stdout  # fmt: skip
+    run(
+        [CHROMIUM, *flags, f"--user-data-dir={tmp_path / 'shot'}", f"--screenshot={shot}", url],
+        tmp_path,
+        tool_env(),
+    )
+    dom = run(
+        [CHROMIUM, *flags, f"--user-data-dir={tmp_path / 'dom'}", "--dump-dom", url],
+        tmp_path,
+        tool_env(),
+    ).stdout
     assert shot.stat().st_size > 10_000
     for stage in STAGES:
         assert re.search(rf"\b{stage}-[0-9a-f]{{3}}\b", dom), f"{stage} task run not on the page"

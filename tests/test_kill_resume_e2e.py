@@ -48,9 +48,14 @@ class Runner:
 
     def __init__(self, repo: Path, *args: str, **env: str) -> None:
         self.process = subprocess.Popen(
-            ["dvc", "repro", *args], cwd=repo, env=tool_env(**env), text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            ["dvc", "repro", *args],
+            cwd=repo,
+            env=tool_env(**env),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -89,8 +94,11 @@ class Runner:
         DVC see the failure, release its lock and exit non-zero, as it does when a stage crashes.
         """
         try:
-            workers = [child for child in psutil.Process(self.process.pid).children(recursive=True)
-                       if f"stages.{stage}" in " ".join(child.cmdline())]  # fmt: skip
+            workers = [
+                child
+                for child in psutil.Process(self.process.pid).children(recursive=True)
+                if f"stages.{stage}" in " ".join(child.cmdline())
+            ]
             for worker in workers:
                 worker.kill()
         except psutil.NoSuchProcess:
@@ -140,8 +148,11 @@ def test_train_killed_mid_epoch_resumes_to_the_same_weights(
         resumed = dvc(killed, "repro", "train")
     else:
         api = request.getfixturevalue("prefect_server")
-        resumed = run(["python", "-m", "flows.pipeline", "--target", "train"], killed,
-                      tool_env(PREFECT_API_URL=api))  # fmt: skip
+        resumed = run(
+            ["python", "-m", "flows.pipeline", "--target", "train"],
+            killed,
+            tool_env(PREFECT_API_URL=api),
+        )
     output = resumed.stdout + resumed.stderr
     assert "resuming from models/checkpoints/train.pt: epoch " in output
     assert f"epoch {position['epoch']}, batch {len(position['record']['sizes'])}" in output
@@ -189,8 +200,9 @@ def test_sigkill_at_random_moments_in_every_stage_loses_nothing(
     assert "Data and pipelines are up to date" in dvc(repo, "status").stdout, final.stdout
     leftovers = [p for p in repo.rglob("*.tmp") if ".dvc" not in p.parts]
     assert all(LEFTOVER.match(p.name) for p in leftovers), leftovers
-    ignored = subprocess.run(["git", "check-ignore", *map(str, leftovers)], cwd=repo,
-                             capture_output=True, text=True).stdout.split()  # fmt: skip
+    ignored = subprocess.run(
+        ["git", "check-ignore", *map(str, leftovers)], cwd=repo, capture_output=True, text=True
+    ).stdout.split()
     assert len(ignored) == len(leftovers), leftovers
     print(f"kills ({len(kills)}): {', '.join(kills)}")
     assert len(kills) >= 7, kills  # most draws land inside the stage's work

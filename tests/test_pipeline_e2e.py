@@ -69,9 +69,11 @@ def test_forced_rerun_is_byte_identical(pipeline_copy: Path, real_mirror: Path) 
     result = dvc(pipeline_copy, "repro", "--force", FMNIST_MIRROR=str(real_mirror))
     assert stages_run(result.stdout) == ["download", "preprocess", "train", "evaluate", "export"]
     weights = pipeline_copy / "models/train/model_weights.pth"
-    print(f"forced rerun: dvc.lock sha256 {hashlib.sha256(lock).hexdigest()} before, "
-          f"{file_digest(pipeline_copy / 'dvc.lock', 'sha256')} after; "
-          f"weights sha256 {file_digest(weights, 'sha256')}")  # fmt: skip
+    print(
+        f"forced rerun: dvc.lock sha256 {hashlib.sha256(lock).hexdigest()} before, "
+        f"{file_digest(pipeline_copy / 'dvc.lock', 'sha256')} after; "
+        f"weights sha256 {file_digest(weights, 'sha256')}"
+    )
     assert (pipeline_copy / "dvc.lock").read_bytes() == lock
 
 

@@ -71,8 +71,12 @@ def test_stage_is_a_task_run_on_a_configured_server(
 def test_a_dead_prefect_server_is_a_clear_error_not_a_hang(tmp_path: Path, module: str) -> None:
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     started = time.monotonic()
-    result = run(["python", "-m", module], tmp_path,
-                 tool_env(PREFECT_API_URL="http://127.0.0.1:9/api"), check=False)  # fmt: skip
+    result = run(
+        ["python", "-m", module],
+        tmp_path,
+        tool_env(PREFECT_API_URL="http://127.0.0.1:9/api"),
+        check=False,
+    )
     assert result.returncode == 1
     assert "no Prefect server answers at PREFECT_API_URL=http://127.0.0.1:9/api" in result.stderr
     assert "Traceback" not in result.stderr

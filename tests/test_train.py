@@ -19,8 +19,13 @@ def test_the_seed_network_shape() -> None:
     model = NeuralNetwork()
     assert isinstance(model.flatten, torch.nn.Flatten)
     assert [tuple(p.shape) for p in model.parameters()] == [
-        (512, 784), (512,), (512, 512), (512,), (10, 512), (10,)
-    ]  # fmt: skip
+        (512, 784),
+        (512,),
+        (512, 512),
+        (512,),
+        (10, 512),
+        (10,),
+    ]
     assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
 
 
@@ -157,17 +162,28 @@ def resumable(small_params: Params) -> Params:
     """3 epochs of 6 batches, a checkpoint every 4 batches, onecycle and augmentation: every
     piece of state a resume has to restore exactly."""
     p = small_params.train.model_copy(
-        update={"epochs": 3, "checkpoint_every_steps": 4, "optimizer": "sgd",
-                "scheduler": "onecycle", "learning_rate": 0.05, "shift_pixels": 2, "hflip": True}
-    )  # fmt: skip
+        update={
+            "epochs": 3,
+            "checkpoint_every_steps": 4,
+            "optimizer": "sgd",
+            "scheduler": "onecycle",
+            "learning_rate": 0.05,
+            "shift_pixels": 2,
+            "hflip": True,
+        }
+    )
     return small_params.model_copy(update={"train": p})
 
 
 @pytest.mark.parametrize("kill_after", [1, 2, 4, 6])  # mid-epoch 1, end of 1, mid 3, end of 3
 def test_resume_after_interruption_is_byte_identical(
-    tmp_path: Path, processed_dir: Path, resumable: Params, kill_after: int,
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
+    tmp_path: Path,
+    processed_dir: Path,
+    resumable: Params,
+    kill_after: int,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     unbroken = tmp_path / "unbroken"
     train.fn(resumable, processed_dir, unbroken / "w.pth", unbroken / "live", unbroken / "ck.pt")
     assert not (unbroken / "ck.pt").exists()  # deleted once the weights are written
@@ -176,8 +192,9 @@ def test_resume_after_interruption_is_byte_identical(
     with monkeypatch.context() as patch:
         interrupt_after_checkpoint(patch, kill_after)
         with pytest.raises(Interrupted):
-            train.fn(resumable, processed_dir, resumed / "w.pth", resumed / "live",
-                     resumed / "ck.pt")  # fmt: skip
+            train.fn(
+                resumable, processed_dir, resumed / "w.pth", resumed / "live", resumed / "ck.pt"
+            )
     assert not (resumed / "w.pth").exists() and not (resumed / "live").exists()
     with caplog.at_level(logging.INFO, logger="stages.train"):
         train.fn(resumable, processed_dir, resumed / "w.pth", resumed / "live", resumed / "ck.pt")
@@ -192,14 +209,24 @@ def test_resume_after_interruption_is_byte_identical(
 
 @pytest.mark.parametrize(
     ("change", "reason"),
-    [("params", "it belongs to other params"), ("data", "it belongs to other data"),
-     ("code", "it belongs to other code"), ("threads", "it belongs to other params"),
-     ("malicious", "it cannot be loaded safely"), ("truncated-format", "not a format-1")],
-)  # fmt: skip
+    [
+        ("params", "it belongs to other params"),
+        ("data", "it belongs to other data"),
+        ("code", "it belongs to other code"),
+        ("threads", "it belongs to other params"),
+        ("malicious", "it cannot be loaded safely"),
+        ("truncated-format", "not a format-1"),
+    ],
+)
 def test_a_foreign_or_unsafe_checkpoint_is_ignored_saying_why(
-    tmp_path: Path, processed_dir: Path, resumable: Params, change: str, reason: str,
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
+    tmp_path: Path,
+    processed_dir: Path,
+    resumable: Params,
+    change: str,
+    reason: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     checkpoint = tmp_path / "ck.pt"
     marker = tmp_path / "pwned"
     with monkeypatch.context() as patch:
@@ -235,8 +262,13 @@ def test_checkpoint_frequency_does_not_change_the_weights(
 ) -> None:
     every_step = resumable.train.model_copy(update={"checkpoint_every_steps": 1})
     train.fn(resumable, processed_dir, tmp_path / "a.pth", tmp_path / "la", tmp_path / "ca.pt")
-    train.fn(resumable.model_copy(update={"train": every_step}), processed_dir,
-             tmp_path / "b.pth", tmp_path / "lb", tmp_path / "cb.pt")  # fmt: skip
+    train.fn(
+        resumable.model_copy(update={"train": every_step}),
+        processed_dir,
+        tmp_path / "b.pth",
+        tmp_path / "lb",
+        tmp_path / "cb.pt",
+    )
     assert (tmp_path / "a.pth").read_bytes() == (tmp_path / "b.pth").read_bytes()
 
 
@@ -248,8 +280,13 @@ def test_deterministic_cuda_training_is_byte_identical(
     params = small_params.model_copy(update={"device": "cuda", "train": p})
     try:
         for name in ("a", "b"):
-            train.fn(params, processed_dir, tmp_path / f"{name}.pth", tmp_path / f"l{name}",
-                     tmp_path / f"c{name}.pt")  # fmt: skip
+            train.fn(
+                params,
+                processed_dir,
+                tmp_path / f"{name}.pth",
+                tmp_path / f"l{name}",
+                tmp_path / f"c{name}.pt",
+            )
     finally:
         torch.use_deterministic_algorithms(False)
     assert (tmp_path / "a.pth").read_bytes() == (tmp_path / "b.pth").read_bytes()
