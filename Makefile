@@ -1,18 +1,19 @@
 # `make pipeline` and `make test` are the two commands a newcomer needs; both set up .venv first.
 PYTHON ?= python3
+PORT ?= 4200
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 # dvc.yaml's `python -m stages.<name>` must find the venv's python.
-export PATH := $(CURDIR)/$(BIN):$(PATH)
+export PATH := $(abspath $(BIN)):$(PATH)
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: setup pipeline test lint clean
+.PHONY: setup pipeline test server lint clean
 
 setup: $(STAMP)
 
@@ -28,6 +29,13 @@ pipeline: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The Prefect server and UI on 127.0.0.1:$(PORT) (`make server PORT=4300`). The UI's browser code
+# calls the API at PREFECT_UI_API_URL, which defaults to port 4200: without it, another port shows
+# a blank "Oops. Something went wrong" page.
+server: export PREFECT_UI_API_URL = http://127.0.0.1:$(PORT)/api
+server: setup
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PORT)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -1,12 +1,12 @@
 """The tutorial's custom Dataset, over one split held as whole tensors (DESIGN point 6).
 
-`preprocess` writes each split as `{"images": uint8 [N,28,28], "labels": int64 [N]}`; train and
-evaluate load it with `load_split`, move it to the device once, and batch it by indexing.
+`preprocess` writes each split as `{"images": uint8 [N,28,28], "labels": int64 [N]}`
+(stages/fashion_mnist.py); train and evaluate load it with `load_dataset`, move it to the device
+once, and batch it by indexing. Also the training augmentation, `ShiftFlip`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,58 +15,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from stages.artifacts import load_torch
-from stages.errors import StageError
-from stages.model import NUM_CLASSES
-
-CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-
-
-class SplitFormatError(StageError):
-    """A processed split file does not hold what preprocess writes."""
-
-
-def check_split(images: torch.Tensor, labels: torch.Tensor, source: str) -> None:
-    if images.dtype != torch.uint8 or images.ndim != 3 or tuple(images.shape[1:]) != (28, 28):
-        raise SplitFormatError(
-            f"{source}: images must be uint8 [N,28,28], got {images.dtype} {list(images.shape)}"
-        )
-    if labels.dtype != torch.int64 or labels.shape != (images.shape[0],):
-        raise SplitFormatError(
-            f"{source}: labels must be int64 [{images.shape[0]}], "
-            f"got {labels.dtype} {list(labels.shape)}"
-        )
-    if labels.numel() and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise SplitFormatError(f"{source}: labels must lie in 0..{NUM_CLASSES - 1}")
-
-
-def split_path(processed_dir: Path, split: str) -> Path:
-    return Path(processed_dir) / f"{split}.pt"
-
-
-def load_split(processed_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    path = split_path(processed_dir, split)
-    try:
-        data = load_torch(path)
-    except FileNotFoundError:
-        raise SplitFormatError(f"{path}: missing; run the preprocess stage first") from None
-    except Exception as exc:  # torch raises several types for a corrupt or unsafe file
-        raise SplitFormatError(f"{path}: not a readable tensor file ({exc})") from None
-    if not isinstance(data, dict) or set(data) != {"images", "labels"}:
-        raise SplitFormatError(f"{path}: expected a dict with keys 'images' and 'labels'")
-    check_split(data["images"], data["labels"], str(path))
-    return data["images"], data["labels"]
+# SplitFormatError: what FashionMNISTTensors and load_dataset raise for a malformed split.
+from stages.fashion_mnist import SplitFormatError as SplitFormatError
+from stages.fashion_mnist import check_split, load_split, load_stats
 
 
 class ShiftFlip:
@@ -175,20 +126,6 @@ def make_loader(
     return DataLoader(
         dataset, batch_sampler=sampler, collate_fn=_whole_batch, generator=torch.Generator()
     )
-
-
-def load_stats(processed_dir: Path) -> tuple[float, float]:
-    """The normalisation (mean, std) that preprocess chose, on the 0..1 pixel scale."""
-    path = Path(processed_dir) / "stats.json"
-    try:
-        stats = json.loads(path.read_text())
-        return float(stats["mean"]), float(stats["std"])
-    except FileNotFoundError:
-        raise SplitFormatError(f"{path}: missing; run the preprocess stage first") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SplitFormatError(
-            f"{path}: expected {{'mean': float, 'std': float}} ({exc})"
-        ) from None
 
 
 def load_dataset(

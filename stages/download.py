@@ -8,6 +8,11 @@ timeout_s). A missing file or a checksum mismatch names the file and leaves data
 
 from __future__ import annotations
 
+from stages.cli import parse_args
+
+if __name__ == "__main__":  # --help and a bad argument answer before torch and Prefect load
+    ARGS = parse_args("download", __doc__)
+
 import os
 import shutil
 import socket
@@ -141,8 +146,8 @@ def prefect_options(params: Params) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(download, __doc__, argv)
+    return run_cli(download, parse_args("download", __doc__, argv))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(download, ARGS))

@@ -8,6 +8,11 @@ confusion_matrix.png and training_curves.png (the latter from train's dvclive cu
 
 from __future__ import annotations
 
+from stages.cli import parse_args
+
+if __name__ == "__main__":  # --help and a bad argument answer before torch and Prefect load
+    ARGS = parse_args("evaluate", __doc__)
+
 from pathlib import Path
 
 import pandas as pd
@@ -18,10 +23,11 @@ from prefect.cache_policies import NONE
 
 from stages.artifacts import atomic_paths, json_text, require_writable
 from stages.config import EVAL_DIR, LIVE_DIR, PROCESSED_DIR, TRAINED_WEIGHTS, Params
-from stages.dataset import CLASSES, load_dataset, make_loader
+from stages.dataset import load_dataset, make_loader
 from stages.device import resolve_device
 from stages.errors import StageError
-from stages.model import NUM_CLASSES, load_model, test_loop
+from stages.fashion_mnist import CLASSES, NUM_CLASSES
+from stages.model import load_model, test_loop
 from stages.runtime import run_cli, stage_logger
 
 # What this stage writes into reports/evaluate/ (dvc.yaml lists the same files).
@@ -81,13 +87,14 @@ def plot_confusion(counts: torch.Tensor, accuracy: float, dest: Path) -> None:
     save_figure(figure, dest)
 
 
-CURVE_PANELS = {"loss": ["train/loss", "val/loss"], "accuracy": ["val/accuracy"]}
+# train's dvclive curves, one row per epoch (dvclive's `step`, from 1).
+CURVES = ("train/loss", "val/loss_train_objective", "val/loss", "val/accuracy")
 
 
 def read_training_curves(live_dir: Path) -> dict[str, pd.DataFrame]:
     """train's dvclive curves, by metric name."""
     curves = {}
-    for name in (name for names in CURVE_PANELS.values() for name in names):
+    for name in CURVES:
         path = Path(live_dir) / "plots" / "metrics" / f"{name}.tsv"
         if not path.is_file():
             raise StageError(f"{path}: missing; run the train stage first")
@@ -95,18 +102,42 @@ def read_training_curves(live_dir: Path) -> dict[str, pd.DataFrame]:
     return curves
 
 
-def plot_training_curves(curves: dict[str, pd.DataFrame], dest: Path) -> None:
-    figure = Figure(figsize=(10, 4))
-    axes = figure.subplots(1, 2)
-    for ax, (title, names) in zip(axes, CURVE_PANELS.items(), strict=True):
-        for name in names:
+def curve_panels(label_smoothing: float) -> list[tuple[str, str, dict[str, str]]]:
+    """Each panel's title, y label, and curves (metric name: legend): losses are compared only
+    under the same objective."""
+    objective = f"cross-entropy, label smoothing {label_smoothing:g}"
+    return [
+        (
+            f"Training objective ({objective})",
+            "loss",
+            {
+                "train/loss": "train loss (mean over the epoch's batches, while training)",
+                "val/loss_train_objective": "val loss (same objective, after the epoch)",
+            },
+        ),
+        (
+            "Validation loss (plain cross-entropy, as the test loss)",
+            "loss",
+            {"val/loss": "val loss (no label smoothing)"},
+        ),
+        ("Validation accuracy", "accuracy", {"val/accuracy": "val accuracy"}),
+    ]
+
+
+def training_curves_figure(curves: dict[str, pd.DataFrame], label_smoothing: float) -> Figure:
+    figure = Figure(figsize=(16, 4.5), layout="constrained")
+    axes = figure.subplots(1, 3)
+    for ax, (title, ylabel, legends) in zip(axes, curve_panels(label_smoothing), strict=True):
+        for name, legend in legends.items():
             frame = curves[name]
-            ax.plot(frame["step"] + 1, frame[name.split("/")[-1]], marker="o", label=name)
+            ax.plot(frame["step"], frame[name.split("/")[-1]], marker="o", label=legend)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
-        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-        ax.legend()
-    save_figure(figure, dest)
+        ax.legend(fontsize=8)
+    return figure
 
 
 @task(name="evaluate", cache_policy=NONE, persist_result=False)
@@ -146,7 +177,10 @@ def evaluate(
         outs["per_class.csv"].write_text(table.to_csv(index=False))
         outs["confusion.csv"].write_text(pairs.to_csv(index=False))
         plot_confusion(counts, metrics["accuracy"], outs["confusion_matrix.png"])
-        plot_training_curves(curves, outs["training_curves.png"])
+        save_figure(
+            training_curves_figure(curves, params.train.label_smoothing),
+            outs["training_curves.png"],
+        )
     log.info(
         "test accuracy %.4f, loss %.4f, macro F1 %.4f",
         metrics["accuracy"],
@@ -158,8 +192,8 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(evaluate, __doc__, argv)
+    return run_cli(evaluate, parse_args("evaluate", __doc__, argv))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(evaluate, ARGS))

@@ -9,6 +9,11 @@ normalisation, the raw data checksums and the code version.
 
 from __future__ import annotations
 
+from stages.cli import parse_args
+
+if __name__ == "__main__":  # --help and a bad argument answer before torch and Prefect load
+    ARGS = parse_args("export", __doc__)
+
 import json
 from importlib.metadata import version
 from pathlib import Path
@@ -35,8 +40,8 @@ from stages.config import (
     TRAINED_WEIGHTS,
     Params,
 )
-from stages.dataset import CLASSES, load_stats
 from stages.errors import StageError
+from stages.fashion_mnist import CLASSES, load_stats
 from stages.model import architecture, describe, load_model
 from stages.runtime import run_cli, stage_logger
 
@@ -171,8 +176,8 @@ def export(
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(export, __doc__, argv)
+    return run_cli(export, parse_args("export", __doc__, argv))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(export, ARGS))

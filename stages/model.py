@@ -12,12 +12,12 @@ from torch import nn
 
 from stages.artifacts import load_torch
 from stages.errors import StageError
+from stages.fashion_mnist import IMAGE_SIDE, NUM_CLASSES
 
 if TYPE_CHECKING:
     from stages.config import TrainParams
 
-IMAGE_SIZE = 28 * 28
-NUM_CLASSES = 10
+IMAGE_SIZE = IMAGE_SIDE * IMAGE_SIDE
 
 
 def linear_relu_stack(width: int, hidden_sizes: Sequence[int]) -> nn.Sequential:
@@ -54,7 +54,7 @@ class ConvNet(nn.Module):
     ) -> None:
         super().__init__()
         blocks: list[nn.Module] = []
-        channels, side = 1, 28
+        channels, side = 1, IMAGE_SIDE
         for out in conv_channels:
             blocks += [
                 nn.Conv2d(channels, out, 3, padding=1, bias=False),
@@ -117,18 +117,31 @@ def architecture(p: TrainParams) -> str:
 
 
 @torch.no_grad()
-def test_loop(dataloader: Iterable, model: nn.Module) -> tuple[float, torch.Tensor]:
-    """The tutorial's test loop: mean cross-entropy over the split, and every prediction."""
+def test_losses(
+    dataloader: Iterable, model: nn.Module, label_smoothings: Sequence[float]
+) -> tuple[list[float], torch.Tensor]:
+    """The tutorial's test loop, one forward pass per batch: the mean cross-entropy over the split
+    at each of `label_smoothings` (0.0: the plain loss), and every prediction."""
     model.eval()
-    loss_sum = torch.zeros((), device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    loss_sums = [torch.zeros((), device=device) for _ in label_smoothings]
     count = 0
     predictions = []
     for x, y in dataloader:
         logits = model(x)
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
+        for loss_sum, smoothing in zip(loss_sums, label_smoothings, strict=True):
+            loss_sum += nn.functional.cross_entropy(
+                logits, y, reduction="sum", label_smoothing=smoothing
+            )
         predictions.append(logits.argmax(dim=1))
         count += y.shape[0]
-    return loss_sum.item() / max(count, 1), torch.cat(predictions).cpu()
+    return [s.item() / max(count, 1) for s in loss_sums], torch.cat(predictions).cpu()
+
+
+def test_loop(dataloader: Iterable, model: nn.Module) -> tuple[float, torch.Tensor]:
+    """The tutorial's test loop: mean cross-entropy over the split, and every prediction."""
+    (loss,), predictions = test_losses(dataloader, model, [0.0])
+    return loss, predictions
 
 
 def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:

@@ -8,6 +8,11 @@ data/processed/stats.json with the normalisation mean and std (from the train sp
 
 from __future__ import annotations
 
+from stages.cli import parse_args
+
+if __name__ == "__main__":  # --help and a bad argument answer before torch and Prefect load
+    ARGS = parse_args("preprocess", __doc__)
+
 import gzip
 import math
 import struct
@@ -17,18 +22,13 @@ import torch
 from prefect import task
 from prefect.cache_policies import NONE
 
-from stages.artifacts import atomic_dir, require_writable, save_torch, write_json
+from stages.artifacts import atomic_dir, require_writable, write_json
 from stages.config import PROCESSED_DIR, RAW_DIR, Params
-from stages.dataset import split_path
 from stages.errors import StageError
-from stages.model import NUM_CLASSES
+from stages.fashion_mnist import IMAGE_SIDE, NUM_CLASSES, RAW_FILES, STATS_FILE, save_split
 from stages.runtime import run_cli, stage_logger
 
 IDX_UBYTE = 0x08  # the IDX type code for unsigned bytes
-RAW_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
 
 
 class IdxFormatError(StageError):
@@ -69,8 +69,11 @@ def read_split(raw_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     images_file, labels_file = (Path(raw_dir) / name for name in RAW_FILES[split])
     images = read_idx(images_file, ndim=3)
     labels = read_idx(labels_file, ndim=1)
-    if tuple(images.shape[1:]) != (28, 28):
-        raise IdxFormatError(f"{images_file}: images are {list(images.shape[1:])}, expected 28x28")
+    if tuple(images.shape[1:]) != (IMAGE_SIDE, IMAGE_SIDE):
+        raise IdxFormatError(
+            f"{images_file}: images are {list(images.shape[1:])}, "
+            f"expected {IMAGE_SIDE}x{IMAGE_SIDE}"
+        )
     if labels.shape[0] != images.shape[0]:
         raise IdxFormatError(
             f"{labels_file}: {labels.shape[0]} labels for {images.shape[0]} images in {images_file}"
@@ -123,18 +126,16 @@ def preprocess(
         source = "params.yaml"
     with atomic_dir(Path(processed_dir)) as staging:
         for split, (images, labels) in {"train": train, "val": val, "test": test}.items():
-            save_torch(
-                {"images": images.clone(), "labels": labels.clone()}, split_path(staging, split)
-            )
+            save_split(images, labels, staging, split)
             log.info("%s: %d images", split, labels.shape[0])
-        write_json({"mean": mean, "std": std, "source": source}, Path(staging) / "stats.json")
+        write_json({"mean": mean, "std": std, "source": source}, Path(staging) / STATS_FILE)
     log.info("normalisation from %s: mean %.4f, std %.4f", source, mean, std)
     return {"mean": mean, "std": std}
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(preprocess, __doc__, argv)
+    return run_cli(preprocess, parse_args("preprocess", __doc__, argv))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(preprocess, ARGS))

@@ -1,9 +1,9 @@
-"""How a stage runs: its logger, its command line, and whether Prefect records the run.
+"""How a stage runs: its logger, and whether Prefect records the run.
 
-`python -m stages.<name>` (what dvc.yaml runs) calls `run_cli`. With a Prefect API configured
-(PREFECT_API_URL or a profile), the stage runs as a Prefect task run on that server; without one
-it calls the task's function directly, so `dvc repro` never pays for Prefect's temporary server.
-Either way the same function does the work.
+`python -m stages.<name>` (what dvc.yaml runs) parses its command line with stages/cli.py, then
+calls `run_cli`. With a Prefect API configured (PREFECT_API_URL or a profile), the stage runs as
+a Prefect task run on that server; without one it calls the task's function directly, so
+`dvc repro` never pays for Prefect's temporary server. Either way the same function does the work.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -20,7 +19,7 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
 
-from stages.config import PARAMS_FILE, load_params
+from stages.config import load_params
 from stages.errors import StageError
 
 
@@ -63,18 +62,12 @@ def require_prefect_server(url: str) -> None:
     raise StageError(f"the Prefect server at {url} is not healthy; {START_SERVER_HINT}")
 
 
-def run_cli(stage_task: Any, description: str | None, argv: list[str] | None = None) -> int:
-    """Parses the command line, validates params.yaml, runs the stage; returns the exit code."""
+def run_cli(stage_task: Any, args: argparse.Namespace) -> int:
+    """Validates the params file, runs the stage; returns the exit code.
+
+    `args` comes from `stages.cli.parse_args`, which each stage calls before its heavy imports.
+    """
     name = stage_task.name
-    parser = argparse.ArgumentParser(
-        prog=f"python -m stages.{name}",
-        description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--params", type=Path, default=PARAMS_FILE, help="parameters file (default: %(default)s)"
-    )
-    args = parser.parse_args(argv)
     # Prefect's import already gave the root logger its console handler; else add a plain one.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("stages").setLevel(logging.INFO)

@@ -5,13 +5,21 @@ data/processed/train.pt, normalised with data/processed/stats.json, checking acc
 data/processed/val.pt after each epoch (in batches of evaluate.batch_size). The network and its
 initial weights, the optimizer, schedule, batch size, epochs, loss settings, augmentation, seed
 and device come from params.yaml (the train section). Writes the
-state_dict to models/train/model_weights.pth and the per-epoch curves (train loss, val loss, val
-accuracy) with dvclive to reports/train/. It checkpoints to models/checkpoints/train.pt after
-each epoch (and every train.checkpoint_every_steps batches); a rerun with the same params, data
-and code resumes from there, and a finished run deletes it.
+state_dict to models/train/model_weights.pth and the per-epoch curves with dvclive to
+reports/train/, one row per epoch numbered from 1: train/loss (the training objective, label
+smoothing included, averaged over the epoch's batches), val/loss_train_objective (the same
+objective on the validation split after the epoch), val/loss (plain cross-entropy) and
+val/accuracy. It checkpoints to models/checkpoints/train.pt after each epoch (and every
+train.checkpoint_every_steps batches); a rerun with the same params, data and code resumes from
+there, and a finished run deletes it.
 """
 
 from __future__ import annotations
+
+from stages.cli import parse_args
+
+if __name__ == "__main__":  # --help and a bad argument answer before torch and Prefect load
+    ARGS = parse_args("train", __doc__)
 
 import random
 from collections.abc import Callable, Iterable
@@ -26,6 +34,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 from scmrepo.exceptions import SCMError
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from stages.artifacts import atomic_dir, atomic_path, require_writable, torch_save
@@ -37,10 +46,10 @@ from stages.checkpoint import (
     training_state,
 )
 from stages.config import CHECKPOINT, LIVE_DIR, PROCESSED_DIR, TRAINED_WEIGHTS, Params, TrainParams
-from stages.dataset import IndexBatchSampler, ShiftFlip, load_dataset, make_loader
-from stages.device import configure_determinism, configure_threads, resolve_device
+from stages.dataset import ShiftFlip, load_dataset, make_loader
+from stages.device import Logger, configure_determinism, configure_threads, resolve_device
 from stages.errors import StageError
-from stages.model import accuracy, build_model, test_loop
+from stages.model import accuracy, build_model, test_losses
 from stages.runtime import run_cli, stage_logger
 
 
@@ -52,20 +61,20 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
-    if p.optimizer == "sgd":
+def make_optimizer(model: nn.Module, hp: TrainParams) -> torch.optim.Optimizer:
+    if hp.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(), lr=p.learning_rate, momentum=p.momentum, weight_decay=p.weight_decay
+            model.parameters(), hp.learning_rate, hp.momentum, weight_decay=hp.weight_decay
         )
-    optimizer_class = torch.optim.Adam if p.optimizer == "adam" else torch.optim.AdamW
-    return optimizer_class(model.parameters(), lr=p.learning_rate, weight_decay=p.weight_decay)
+    optimizer_class = torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW
+    return optimizer_class(model.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
 
 
-def make_augment(p: TrainParams, seed: int) -> ShiftFlip | None:
+def make_augment(hp: TrainParams, seed: int) -> ShiftFlip | None:
     """The training augmentation the params ask for, drawing from its own seeded generator."""
-    if not (p.shift_pixels or p.hflip):
+    if not (hp.shift_pixels or hp.hflip):
         return None
-    return ShiftFlip(p.shift_pixels, p.hflip, torch.Generator().manual_seed(seed + 1))
+    return ShiftFlip(hp.shift_pixels, hp.hflip, torch.Generator().manual_seed(seed + 1))
 
 
 # How far one-cycle lowers SGD's momentum while the rate peaks (PyTorch's 0.95 -> 0.85).
@@ -73,26 +82,26 @@ MOMENTUM_DIP = 0.1
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: int
+    optimizer: torch.optim.Optimizer, hp: TrainParams, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
     """Stepped once per batch; learning_rate is the peak (onecycle) or starting (cosine) rate.
 
     One-cycle also cycles SGD's momentum against the rate: `momentum` at the lowest rates,
     `momentum - 0.1` at the peak (PyTorch's default cycle, 0.95 to 0.85, ignores the param).
     """
-    total = p.epochs * steps_per_epoch
-    if p.scheduler == "onecycle":
+    total = hp.epochs * steps_per_epoch
+    if hp.scheduler == "onecycle":
         momentum = {}
-        if p.optimizer == "sgd":
+        if hp.optimizer == "sgd":
             momentum = {
-                "cycle_momentum": p.momentum > 0,
-                "max_momentum": p.momentum,
-                "base_momentum": max(0.0, round(p.momentum - MOMENTUM_DIP, 6)),
+                "cycle_momentum": hp.momentum > 0,
+                "max_momentum": hp.momentum,
+                "base_momentum": max(0.0, round(hp.momentum - MOMENTUM_DIP, 6)),
             }
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, p.learning_rate, total_steps=total, **momentum
+            optimizer, hp.learning_rate, total_steps=total, **momentum
         )
-    if p.scheduler == "cosine":
+    if hp.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     return None
 
@@ -163,6 +172,13 @@ class Progress:
     record: EpochRecord = field(default_factory=EpochRecord)
     history: list[dict[str, float]] = field(default_factory=list)
 
+    def finish_epoch(self, metrics: dict[str, float], next_order: torch.Tensor) -> None:
+        """Records the epoch's metrics; the next epoch's batch order starts from `next_order`."""
+        self.history.append(metrics)
+        self.epoch += 1
+        self.order = next_order
+        self.record = EpochRecord()
+
     def to_state(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
@@ -178,7 +194,7 @@ class Progress:
 
 
 def require_finite(
-    record: EpochRecord, epoch: int, steps_per_epoch: int, p: TrainParams, start: int = 0
+    record: EpochRecord, epoch: int, steps_per_epoch: int, hp: TrainParams, start: int = 0
 ) -> None:
     batch = record.first_non_finite(start)
     if batch is None:
@@ -187,20 +203,92 @@ def require_finite(
     raise StageError(
         f"training diverged: loss {record.losses[batch].item()} at epoch {epoch}, step {step} "
         f"(batch {batch + 1} of {steps_per_epoch}), learning rate {record.lrs[batch]:g} "
-        f"(train.learning_rate = {p.learning_rate}); lower train.learning_rate"
+        f"(train.learning_rate = {hp.learning_rate}); lower train.learning_rate"
     )
 
 
+@dataclass
+class Checkpoints:
+    """Saves, and resumes from, everything an interrupted run needs to finish as if it had not
+    stopped: the progress, the model, optimizer and scheduler, and every RNG state."""
+
+    path: Path
+    fingerprints: dict[str, str]  # the params, data and code a checkpoint must match
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    generators: dict[str, torch.Generator | None]
+    device: torch.device
+
+    def save(self, progress: Progress) -> None:
+        trained = training_state(
+            self.model, self.optimizer, self.scheduler, self.generators, self.device
+        )
+        save_checkpoint(self.path, self.fingerprints, {**progress.to_state(), **trained})
+
+    def resume(self, logger: Logger, steps_per_epoch: int) -> Progress | None:
+        """The saved progress, with every state restored; None without a matching checkpoint."""
+        state = load_checkpoint(self.path, self.fingerprints, logger)
+        if state is None:
+            return None
+        restore_training(
+            state, self.model, self.optimizer, self.scheduler, self.generators, self.device
+        )
+        progress = Progress.from_state(state, self.device)
+        logger.info(
+            "resuming from %s: epoch %d, batch %d of %d",
+            self.path,
+            progress.epoch,
+            len(progress.record.losses),
+            steps_per_epoch,
+        )
+        return progress
+
+
+@dataclass
+class AfterBatch:
+    """What train_loop runs after each batch: the non-finite-loss check every
+    FINITE_CHECK_EVERY batches, and a checkpoint every `train.checkpoint_every_steps` steps."""
+
+    progress: Progress
+    checkpoints: Checkpoints
+    steps_per_epoch: int
+    hp: TrainParams
+
+    def __call__(self, record: EpochRecord) -> None:
+        epoch, done = self.progress.epoch, len(record.losses)
+        if done % FINITE_CHECK_EVERY == 0:  # a device sync every few batches, not every batch
+            start = done - FINITE_CHECK_EVERY
+            require_finite(record, epoch, self.steps_per_epoch, self.hp, start)
+        step = (epoch - 1) * self.steps_per_epoch + done
+        if self.hp.checkpoint_every_steps and step % self.hp.checkpoint_every_steps == 0:
+            require_finite(record, epoch, self.steps_per_epoch, self.hp)  # never save divergence
+            self.checkpoints.save(self.progress)
+
+
 def validate(
-    model: nn.Module, val_loader: Iterable, val_labels: torch.Tensor, record: EpochRecord
+    model: nn.Module, val_loader: DataLoader, record: EpochRecord, label_smoothing: float
 ) -> dict[str, float]:
-    """The epoch's metrics: mean train loss, and loss and accuracy on the validation split."""
-    val_loss, predictions = test_loop(val_loader, model)
+    """The epoch's metrics: the mean train loss over its batches; on the validation split, after
+    the epoch, the loss under the same objective (the train label smoothing), the plain
+    cross-entropy and the accuracy, all from one pass."""
+    (val_loss, val_objective_loss), predictions = test_losses(
+        val_loader, model, [0.0, label_smoothing]
+    )
     return {
         "train/loss": record.mean_loss(),
+        "val/loss_train_objective": val_objective_loss,
         "val/loss": val_loss,
-        "val/accuracy": accuracy(predictions, val_labels),
+        "val/accuracy": accuracy(predictions, val_loader.dataset.labels),
     }
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+
+
+def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
 
 
 def open_live(live_dir: Path) -> Live:
@@ -210,10 +298,33 @@ def open_live(live_dir: Path) -> Live:
         raise StageError(f"dvclive needs a git repository with a commit here: {exc}") from None
 
 
-def log_epoch(live: Live, metrics: dict[str, float]) -> None:
+def log_epoch(live: Live, epoch: int, metrics: dict[str, float]) -> None:
+    """One row per curve, numbered by epoch from 1 (dvclive's `step`)."""
+    live.step = epoch
     for name, value in metrics.items():
         live.log_metric(name, round(value, 6))
     live.next_step()
+
+
+def make_loaders(
+    processed_dir: Path,
+    params: Params,
+    device: torch.device,
+    order_generator: torch.Generator,
+    augment: ShiftFlip | None,
+) -> tuple[DataLoader, DataLoader]:
+    """The train loader (shuffled by `order_generator`, augmented) and the validation loader."""
+    train_data = load_dataset(processed_dir, "train", device, augment)
+    val_data = load_dataset(processed_dir, "val", device)
+    batch_size = params.train.batch_size
+    if batch_size > len(train_data):
+        raise StageError(
+            f"train.batch_size = {batch_size}: larger than the train split ({len(train_data)})"
+        )
+    return (
+        make_loader(train_data, batch_size, shuffle=True, generator=order_generator),
+        make_loader(val_data, params.evaluate.batch_size, shuffle=False),
+    )
 
 
 @task(name="train", cache_policy=NONE, persist_result=False)
@@ -224,110 +335,74 @@ def train(
     live_dir: Path = LIVE_DIR,
     checkpoint_path: Path = CHECKPOINT,
 ) -> dict[str, float]:
-    log = stage_logger("train")
-    p = params.train
-    configure_determinism(p.deterministic, log)
-    device = resolve_device(params.device, log)
-    num_threads = configure_threads(p.num_threads, log)
+    logger = stage_logger("train")
+    hp = params.train
+    configure_determinism(hp.deterministic, logger)
+    device = resolve_device(params.device, logger)
+    num_threads = configure_threads(hp.num_threads, logger)
     require_writable(weights_path, live_dir, checkpoint_path)
     order_generator = seed_everything(params.seed)
-    augment = make_augment(p, params.seed)
-    train_data = load_dataset(processed_dir, "train", device, augment)
-    val_data = load_dataset(processed_dir, "val", device)
-    if p.batch_size > len(train_data):
-        raise StageError(
-            f"train.batch_size = {p.batch_size}: larger than the train split ({len(train_data)})"
-        )
-    train_loader = make_loader(train_data, p.batch_size, shuffle=True, generator=order_generator)
-    val_loader = make_loader(val_data, params.evaluate.batch_size, shuffle=False)
+    augment = make_augment(hp, params.seed)
+    train_loader, val_loader = make_loaders(processed_dir, params, device, order_generator, augment)
     steps_per_epoch = len(train_loader)
 
-    model = build_model(p).to(device)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
-    optimizer = make_optimizer(model, p)
-    scheduler = make_scheduler(optimizer, p, steps_per_epoch)
-    generators = {
-        "order": order_generator,
-        "augment": augment.generator if augment is not None else None,
-    }
-    expected = fingerprints(params, device, num_threads, processed_dir)
-    sampler = train_loader.batch_sampler
-    assert isinstance(sampler, IndexBatchSampler)
+    model = build_model(hp).to(device)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
+    optimizer = make_optimizer(model, hp)
+    scheduler = make_scheduler(optimizer, hp, steps_per_epoch)
+    generators = {"order": order_generator, "augment": augment.generator if augment else None}
+    run_fingerprints = fingerprints(params, device, num_threads, processed_dir)
+    checkpoints = Checkpoints(
+        checkpoint_path, run_fingerprints, model, optimizer, scheduler, generators, device
+    )
+    progress = checkpoints.resume(logger, steps_per_epoch)
+    if progress is None:
+        progress = Progress(epoch=1, order=order_generator.get_state())
+    after_batch = AfterBatch(progress, checkpoints, steps_per_epoch, hp)
 
-    at = Progress(epoch=1, order=order_generator.get_state())
-    resumed = load_checkpoint(checkpoint_path, expected, log)
-    if resumed is not None:
-        restore_training(resumed, model, optimizer, scheduler, generators, device)
-        at = Progress.from_state(resumed, device)
-        log.info(
-            "resuming from %s: epoch %d, batch %d of %d",
-            checkpoint_path,
-            at.epoch,
-            len(at.record.losses),
-            steps_per_epoch,
-        )
-
-    def checkpoint() -> None:
-        trained = training_state(model, optimizer, scheduler, generators, device)
-        save_checkpoint(checkpoint_path, expected, {**at.to_state(), **trained})
-
-    def after_batch(record: EpochRecord) -> None:
-        done = len(record.losses)
-        if done % FINITE_CHECK_EVERY == 0:  # a device sync every few batches, not every batch
-            require_finite(record, at.epoch, steps_per_epoch, p, start=done - FINITE_CHECK_EVERY)
-        step = (at.epoch - 1) * steps_per_epoch + done
-        if p.checkpoint_every_steps and step % p.checkpoint_every_steps == 0:
-            require_finite(record, at.epoch, steps_per_epoch, p)  # never checkpoint divergence
-            checkpoint()
-
-    log.info(
+    logger.info(
         "training %d epochs on %d images, batch %d, %s lr %g",
-        p.epochs,
-        len(train_data),
-        p.batch_size,
-        p.optimizer,
-        p.learning_rate,
+        hp.epochs,
+        len(train_loader.dataset),
+        hp.batch_size,
+        hp.optimizer,
+        hp.learning_rate,
     )
     # The weights and the curves are replaced together, once training has finished.
     with (
         atomic_path(weights_path) as weights_staging,
         atomic_dir(live_dir) as live_staging,
         open_live(live_staging) as live,
+        tqdm(total=hp.epochs, initial=progress.epoch - 1, desc="train", unit="epoch") as bar,
     ):
-        for metrics in at.history:
-            log_epoch(live, metrics)
-        bar = tqdm(total=p.epochs, initial=at.epoch - 1, desc="train", unit="epoch")
-        while at.epoch <= p.epochs:
-            order_generator.set_state(at.order)
-            sampler.skip = len(at.record.losses)
-            train_loop(train_loader, model, loss_fn, optimizer, scheduler, at.record, after_batch)
-            require_finite(at.record, at.epoch, steps_per_epoch, p)
-            metrics = validate(model, val_loader, val_data.labels, at.record)
-            at.history.append(metrics)
-            log_epoch(live, metrics)
+        for epoch, metrics in enumerate(progress.history, start=1):  # a resumed run's epochs
+            log_epoch(live, epoch, metrics)
+        for epoch in range(progress.epoch, hp.epochs + 1):
+            # The epoch's batch order from its start; a resumed epoch skips the batches it did.
+            order_generator.set_state(progress.order)
+            train_loader.batch_sampler.skip = len(progress.record.losses)
+            train_loop(
+                train_loader, model, loss_fn, optimizer, scheduler, progress.record, after_batch
+            )
+            require_finite(progress.record, epoch, steps_per_epoch, hp)
+            metrics = validate(model, val_loader, progress.record, hp.label_smoothing)
+            log_epoch(live, epoch, metrics)
             bar.update()
             bar.set_postfix(
                 loss=f"{metrics['train/loss']:.4f}", val_acc=f"{metrics['val/accuracy']:.4f}"
             )
-            log.info(
-                "epoch %d/%d: %s",
-                at.epoch,
-                p.epochs,
-                ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-            )
-            at = Progress(at.epoch + 1, order_generator.get_state(), history=at.history)
-            checkpoint()
-        bar.close()
-        state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-        torch_save(state, weights_staging)
+            logger.info("epoch %d/%d: %s", epoch, hp.epochs, format_metrics(metrics))
+            progress.finish_epoch(metrics, next_order=order_generator.get_state())
+            checkpoints.save(progress)
+        torch_save(cpu_state_dict(model), weights_staging)
     Path(checkpoint_path).unlink(missing_ok=True)
-    log.info("wrote %s", weights_path)
-    return at.history[-1]
+    logger.info("wrote %s", weights_path)
+    return progress.history[-1]
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(train, __doc__, argv)
+    return run_cli(train, parse_args("train", __doc__, argv))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(train, ARGS))

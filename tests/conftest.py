@@ -1,78 +1,32 @@
-"""Shared fixtures: tiny synthetic IDX files for unit tests, the real data for end-to-end tests."""
+"""Fixtures: tiny synthetic IDX files for unit tests, the real data for end-to-end tests.
+
+Helpers (functions, constants) live in tests/helpers/; this file holds fixtures and hooks only.
+"""
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import os
-import re
-import shutil
-import struct
-import subprocess
-import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
-import yaml
 
 from stages.config import Params, parse_params
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-# Tests (never product code) know where this workplace keeps a copy of the official files.
-SHARED_DATA = REPO.parent / "shared" / "data" / "fashion-mnist"
-RAW_NAMES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
-QUIET_ENV = {
-    "DO_NOT_TRACK": "1",
-    "DVC_NO_ANALYTICS": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-    "ORT_DISABLE_TELEMETRY": "1",
-}
+from .helpers.data import write_mirror
+from .helpers.mirror import RealMirror, find_real_mirror
+from .helpers.prefect import running_server
+from .helpers.repo import SMALL, clone_pipeline, copy_repo, edit_params
+from .helpers.tools import dvc
 
-
-def idx_bytes(array: torch.Tensor, magic: int | None = None) -> bytes:
-    """An IDX file of unsigned bytes: magic 0x000008NN, big-endian dims, then the data."""
-    ndim = array.ndim
-    magic = (0x08 << 8) | ndim if magic is None else magic
-    header = struct.pack(f">I{ndim}I", magic, *array.shape)
-    return header + array.to(torch.uint8).contiguous().numpy().tobytes()
-
-
-def write_gz(path: Path, payload: bytes) -> str:
-    path.write_bytes(gzip.compress(payload, mtime=0))
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def make_split(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images whose brightness band depends on the label, so a model can learn something."""
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.arange(count) % 10
-    noise = torch.randint(0, 40, (count, 28, 28), generator=generator)
-    band = torch.zeros(count, 28, 28, dtype=torch.int64)
-    for i, label in enumerate(labels.tolist()):
-        band[i, label * 2 : label * 2 + 8, :] = 200
-    return (noise + band).clamp(max=255).to(torch.uint8), labels.to(torch.uint8)
+REAL_MIRROR = pytest.StashKey[RealMirror]()
 
 
 @pytest.fixture
 def synthetic_mirror(tmp_path: Path) -> tuple[Path, list[tuple[str, str]]]:
     """A folder with the four raw files (120 train, 40 test images) and their md5s."""
     folder = tmp_path / "mirror"
-    folder.mkdir()
-    files = []
-    for split, count in (("train", 120), ("test", 40)):
-        images, labels = make_split(count, seed=len(split))
-        images_name, labels_name = RAW_NAMES[split]
-        files.append((images_name, write_gz(folder / images_name, idx_bytes(images))))
-        files.append((labels_name, write_gz(folder / labels_name, idx_bytes(labels))))
-    return folder, files
+    return folder, write_mirror(folder)
 
 
 @pytest.fixture
@@ -127,150 +81,21 @@ def trained(tmp_path: Path, processed_dir: Path, small_params: Params) -> dict[s
 
 
 @pytest.fixture(scope="session")
-def real_mirror() -> Path:
-    mirror = Path(os.environ.get("FMNIST_MIRROR", SHARED_DATA))
-    if not (mirror / RAW_NAMES["train"][0]).is_file():
-        pytest.skip(f"the real FashionMNIST files are not at {mirror} (set FMNIST_MIRROR)")
-    return mirror
-
-
-def tool_env(**extra: str) -> dict[str, str]:
-    """The environment for running dvc and the stages as a user would, off the network."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "FMNIST"))}
-    env.update(QUIET_ENV)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(extra)
-    return env
-
-
-def run(
-    cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True
-) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout}\n{result.stderr}"
-        )
-    return result
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def real_mirror(pytestconfig: pytest.Config) -> Path:
+    """A folder with the four official files: FMNIST_MIRROR, the shared copy, or the download
+    cache (tests/helpers/mirror.py). Looked for once a session; a skip is remembered as well."""
+    found = find_real_mirror()
+    pytestconfig.stash[REAL_MIRROR] = found
+    if found.folder is None:
+        pytest.skip(found.note)
+    return found.folder
 
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `prefect server start` on 127.0.0.1 with its own PREFECT_HOME; yields the API URL."""
-    import time
-    import urllib.request
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    # The UI's browser code calls the API at PREFECT_UI_API_URL, which defaults to port 4200.
-    env = tool_env(PREFECT_HOME=str(home), PREFECT_UI_API_URL=url)
-    log = open(home / "server.log", "w")  # noqa: SIM115 - closed at teardown
-    server = subprocess.Popen(
-        [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"prefect server did not start:\n{(home / 'server.log').read_text()}"
-                )
-            time.sleep(0.5)
+    """`make server` on a free port (never 4200) with its own PREFECT_HOME; yields the API URL."""
+    with running_server(tmp_path_factory.mktemp("prefect-home")) as url:
         yield url
-    finally:
-        stop_session(server)
-        log.close()
-
-
-def stop_session(process: subprocess.Popen, timeout: float = 30) -> None:
-    """Stops a process started with start_new_session=True, and its children, by its PID."""
-    import signal
-
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
-def copy_repo(dest: Path) -> Path:
-    """The project's files as git sees them (tracked or new), in a new git repo with a commit."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    for name in listed:
-        source = REPO / name
-        if source.is_file():
-            target = dest / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
-    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
-        subprocess.run(git + cmd, cwd=dest, check=True, capture_output=True)
-    return dest
-
-
-def edit_params(repo: Path, **sections: dict) -> None:
-    """Merges each section dict into the copy's params.yaml; a scalar replaces a top-level key."""
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for key, values in sections.items():
-        if isinstance(values, dict):
-            params.setdefault(key, {}).update(values)
-        else:
-            params[key] = values
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def prefect_api(url: str, path: str, body: dict | None = None) -> Any:
-    """GET (or POST `body` as JSON) to the Prefect server's REST API; returns the decoded JSON."""
-    import json
-    import urllib.request
-
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"{url}{path}",
-        data=data,
-        method="GET" if body is None else "POST",
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)
-
-
-SMALL = {"train": {"epochs": 1, "batch_size": 128}}
-
-
-def dvc(repo: Path, *args: str, check: bool = True, **env: str):
-    return run(["dvc", *args], repo, tool_env(**env), check=check)
-
-
-def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", output)
 
 
 @pytest.fixture(scope="session")
@@ -288,14 +113,58 @@ def pipeline_copy(pipeline: tuple[Path, str], tmp_path: Path) -> Path:
     return clone_pipeline(pipeline[0], tmp_path / "repo")
 
 
-def clone_pipeline(source: Path, dest: Path) -> Path:
-    """A copy of a reproduced repo, DVC cache included, without DVC's locks and state."""
-    shutil.copytree(source, dest, symlinks=True, ignore=shutil.ignore_patterns("tmp"))
-    return dest
+# Worst first: a test's outcome is its worst phase's (a teardown error after a pass is an error).
+SEVERITY = ["error", "failed", "skipped", "passed"]
 
 
-def perturb_weights(path: Path) -> None:
-    """Other weights of the same shape: a rerun that got far would write different outs."""
-    state = torch.load(path, weights_only=True)
-    generator = torch.Generator().manual_seed(0)
-    torch.save({k: torch.randn(v.shape, generator=generator) for k, v in state.items()}, path)
+def e2e_outcomes(stats: dict[str, list]) -> tuple[dict[str, str], Counter[str]]:
+    """Each e2e test's outcome by node id, and how many were skipped for each reason."""
+    outcome: dict[str, str] = {}
+    reasons: Counter[str] = Counter()
+    for category, reports in stats.items():
+        kind = {"xfailed": "passed", "xpassed": "passed"}.get(category, category)
+        if kind not in SEVERITY:
+            continue
+        for report in reports:
+            if not isinstance(report, pytest.TestReport) or "e2e" not in report.keywords:
+                continue
+            previous = outcome.get(report.nodeid, "passed")
+            if report.nodeid not in outcome or SEVERITY.index(kind) < SEVERITY.index(previous):
+                outcome[report.nodeid] = kind
+            if kind == "skipped" and isinstance(report.longrepr, tuple):
+                reasons[report.longrepr[2].removeprefix("Skipped: ")] += 1
+    return outcome, reasons
+
+
+def e2e_summary(stats: dict[str, list], found: RealMirror | None) -> list[tuple[str, str]]:
+    """The summary lines (text, color): how many e2e tests ran, by outcome, and why any skipped."""
+    outcome, reasons = e2e_outcomes(stats)
+    counts = Counter(outcome.values())
+    ran = counts["passed"] + counts["failed"]
+    line = f"e2e: {ran} ran ({counts['passed']} passed, {counts['failed']} failed)"
+    line += f", {counts['skipped']} skipped"
+    if counts["error"]:  # a fixture or teardown failed: counted apart from the tests that ran
+        line += f", {counts['error']} errors"
+    deselected = sum(1 for item in stats.get("deselected", []) if item.get_closest_marker("e2e"))
+    if deselected:
+        line += f", {deselected} deselected"
+    color = "red" if counts["failed"] or counts["error"] else "yellow" if reasons else "green"
+    lines = [(line, color)]
+    lines += [(f"  {n} skipped: {reason}", "yellow") for reason, n in reasons.most_common()]
+    if found is not None:  # the real_mirror fixture ran
+        where = found.note if found.folder else "none"
+        lines.append((f"  real data: {where} (looked for in {found.seconds:.1f} s)", color))
+    return lines
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> Iterator[None]:
+    """Ends the summary, after the short test summary, with how many e2e tests ran."""
+    try:
+        return (yield)
+    finally:
+        found = config.stash.get(REAL_MIRROR, None)
+        for text, color in e2e_summary(terminalreporter.stats, found):
+            terminalreporter.write_line(text, **{color: True})

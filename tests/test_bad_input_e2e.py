@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import dvc, edit_params, free_port, stages_run
+from .helpers.repo import edit_params
+from .helpers.tools import dvc, free_port, stages_run
 from .test_artifacts import _Payload
 
 pytestmark = pytest.mark.e2e

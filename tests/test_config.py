@@ -4,7 +4,7 @@ import pytest
 
 from stages.config import Params, ParamsError, load_params, parse_params
 
-from .conftest import REPO
+from .helpers.tools import REPO
 
 
 def test_committed_params_are_valid() -> None:

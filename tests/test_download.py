@@ -9,6 +9,7 @@ import pytest
 
 from stages.config import Params
 from stages.download import MIRROR_ENV, OFFICIAL_FILES, DownloadError, download, sources
+from stages.fashion_mnist import RAW_FILES
 
 Mirror = tuple[Path, list[tuple[str, str]]]
 
@@ -120,3 +121,8 @@ def test_http_404_is_not_retried(tmp_path: Path, http_mirror: str, small_params:
 def test_a_mirror_that_is_neither_folder_nor_url(tmp_path: Path, small_params: Params) -> None:
     with pytest.raises(DownloadError, match="not a folder or an http"):
         download.fn(small_params, tmp_path / "raw", OFFICIAL_FILES, [str(tmp_path / "nope")])
+
+
+def test_download_fetches_the_raw_files_preprocess_reads() -> None:
+    fetched = {name for name, _md5 in OFFICIAL_FILES}
+    assert fetched == {name for files in RAW_FILES.values() for name in files}

@@ -7,9 +7,15 @@ import torch
 
 from stages.config import Params
 from stages.errors import StageError
-from stages.evaluate import confusion_matrix, evaluate, per_class_table
+from stages.evaluate import (
+    confusion_matrix,
+    evaluate,
+    per_class_table,
+    read_training_curves,
+    training_curves_figure,
+)
 
-from .conftest import perturb_weights
+from .helpers.data import perturb_weights
 
 
 @pytest.fixture
@@ -33,6 +39,19 @@ def test_per_class_table_and_plots(evaluated: Path) -> None:
     assert list(pairs.columns) == ["actual", "predicted"] and len(pairs) == 40
     for png in ("confusion_matrix.png", "training_curves.png"):
         assert (evaluated / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_curves_compare_like_with_like_by_epoch_from_1(trained: dict[str, Path]) -> None:
+    figure = training_curves_figure(read_training_curves(trained["live_dir"]), 0.1)
+    objective, plain, accuracy = figure.axes
+    assert "label smoothing 0.1" in objective.get_title()
+    legends = [text.get_text() for text in objective.get_legend().get_texts()]
+    assert legends[0].startswith("train loss") and legends[1].startswith("val loss (same objective")
+    assert "plain cross-entropy" in plain.get_title() and "accuracy" in accuracy.get_title()
+    for ax in figure.axes:
+        assert ax.get_xlabel() == "epoch"
+        for line in ax.get_lines():
+            assert list(line.get_xdata()) == [1, 2]
 
 
 def test_per_class_scores_from_a_known_confusion_matrix() -> None:

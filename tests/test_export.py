@@ -13,7 +13,7 @@ from stages.export import export
 from stages.model import ConvNet, NeuralNetwork, load_model
 from stages.train import train
 
-from .conftest import perturb_weights
+from .helpers.data import perturb_weights
 
 
 def test_export_writes_loadable_weights_and_a_card(

@@ -1,35 +1,89 @@
-"""The flow's stage bookkeeping, without a Prefect server (the end-to-end runs are in
-test_flow_e2e.py)."""
+"""The flow's DVC runner without a Prefect server: which stages it runs in process, and what it
+records (the end-to-end runs are in test_flow_e2e.py)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import os
+from pathlib import Path
+from typing import Any
 
-import dvc.stage.run as dvc_run
 import pytest
+from dvc.repo import Repo, lock_repo
 
-from flows.pipeline import RunLog, in_process_commands, make_repro_fn
-from stages.config import Params
+import flows.dvc_runner as runner
+from stages.errors import StageError
+from stages.train import train
+
+PERSISTED = "    outs:\n      - {}:\n          persist: true\n"
 
 
-def test_a_stage_run_by_subprocess_counts_as_run_not_cached(
-    monkeypatch: pytest.MonkeyPatch,
+def repo_with(root: Path, stages: str, monkeypatch: pytest.MonkeyPatch) -> Repo:
+    root.mkdir()
+    monkeypatch.chdir(root)
+    Repo.init(str(root), no_scm=True).close()
+    (root / "dvc.yaml").write_text(f"stages:\n{stages}")
+    return Repo(str(root))
+
+
+def only_stage(repo: Repo) -> Any:
+    (stage,) = repo.index.stages
+    return stage
+
+
+def test_a_stage_module_command_maps_to_its_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    subprocess_runs: list[str] = []
+    stage = "  train:\n    cmd: python -m stages.train\n" + PERSISTED.format("w.pth")
+    with repo_with(tmp_path / "repo", stage, monkeypatch) as repo:
+        assert runner.stage_task(only_stage(repo)) is train
+
+
+def test_other_commands_take_dvcs_own_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stage = "  shout:\n    cmd: echo hi > out.txt\n    outs: [out.txt]\n"
+    with repo_with(tmp_path / "repo", stage, monkeypatch) as repo:
+        assert runner.stage_task(only_stage(repo)) is None
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        ("  s:\n    cmd: python -m stages.errors\n", "defines no Prefect task `errors`"),
+        (
+            "  train:\n    cmd: python -m stages.train\n    outs: [w.pth]\n",
+            "outs w.pth lack `persist: true`",
+        ),
+    ],
+)
+def test_a_stage_the_flow_cannot_run_like_dvc_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str, message: str
+) -> None:
+    with (
+        repo_with(tmp_path / "repo", stage, monkeypatch) as repo,
+        pytest.raises(StageError, match=message),
+    ):
+        runner.stage_task(only_stage(repo))
+
+
+def test_record_says_what_dvc_did_with_a_command_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stand_ins: list[tuple[str, str]] = []
     monkeypatch.setattr(
-        dvc_run, "cmd_run", lambda stage, dry=False, run_env=None: subprocess_runs.append(stage.cmd)
+        runner.stand_in,
+        "with_options",
+        lambda name: lambda state, note: stand_ins.append((name, state)),
     )
-    shell_stage = SimpleNamespace(
-        name="report",
-        cmd="echo done > report.txt",
-        reproduce=lambda **_: shell_stage,
-        dump=lambda update_pipeline: None,
-    )
-    log = RunLog()
-    with in_process_commands(Params(), log):
-        dvc_run.cmd_run(shell_stage)
-        dvc_run.cmd_run(shell_stage, dry=True)  # `dvc repro --dry` runs nothing
-        assert log.ran == {"report"}
-        make_repro_fn(log)(shell_stage)
-    assert subprocess_runs == [shell_stage.cmd, shell_stage.cmd]
-    assert log.stages["report"].status == "ran"
+    stage = "  shout:\n    cmd: echo hi > out.txt\n" + PERSISTED.format("out.txt")
+    record = runner.RunRecord()
+    with repo_with(tmp_path / "repo", stage, monkeypatch) as repo, lock_repo(repo):
+        repro_fn = runner.make_repro_fn(record)
+        assert repro_fn(only_stage(repo)) is not None
+        assert record.stages["shout"].status == "ran by DVC"
+        assert (Path(repo.root_dir) / "out.txt").read_text() == "hi\n"
+        assert (Path(repo.root_dir) / "dvc.lock").is_file()
+        repo._reset()
+        assert repro_fn(only_stage(repo)) is None
+        assert record.stages["shout"].status == "up to date"
+    assert stand_ins == [("shout", "Completed"), ("shout", "Cached")]
+    assert record.device == runner.NO_DEVICE  # no stage ran in process
+    assert os.getcwd() == str(tmp_path / "repo")

@@ -11,18 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import (
-    SMALL,
-    VENV_BIN,
-    copy_repo,
-    dvc,
-    edit_params,
-    prefect_api,
-    run,
-    stages_run,
-    stop_session,
-    tool_env,
-)
+from .helpers.prefect import prefect_api
+from .helpers.repo import SMALL, copy_repo, edit_params
+from .helpers.tools import VENV_BIN, dvc, run, stages_run, stop_session, tool_env
 
 pytestmark = pytest.mark.e2e
 

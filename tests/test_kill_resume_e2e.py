@@ -21,16 +21,8 @@ import yaml
 
 from stages.artifacts import file_digest
 
-from .conftest import (
-    SMALL,
-    clone_pipeline,
-    copy_repo,
-    dvc,
-    edit_params,
-    run,
-    stages_run,
-    tool_env,
-)
+from .helpers.repo import SMALL, clone_pipeline, copy_repo, edit_params
+from .helpers.tools import dvc, run, stages_run, tool_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -13,7 +13,8 @@ import torch
 from stages.artifacts import file_digest
 from stages.model import NeuralNetwork
 
-from .conftest import REPO, dvc, edit_params, run, stages_run, tool_env
+from .helpers.repo import edit_params
+from .helpers.tools import REPO, dvc, run, stages_run, tool_env
 
 pytestmark = pytest.mark.e2e
 

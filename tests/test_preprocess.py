@@ -5,17 +5,11 @@ import pytest
 import torch
 
 from stages.config import Params
-from stages.dataset import (
-    FashionMNISTTensors,
-    IndexBatchSampler,
-    ShiftFlip,
-    SplitFormatError,
-    load_split,
-    make_loader,
-)
+from stages.dataset import FashionMNISTTensors, IndexBatchSampler, ShiftFlip, make_loader
+from stages.fashion_mnist import SplitFormatError, load_split
 from stages.preprocess import IdxFormatError, preprocess, read_idx
 
-from .conftest import RAW_NAMES, idx_bytes, make_split, write_gz
+from .helpers.data import RAW_NAMES, idx_bytes, make_split, write_gz
 
 
 def test_splits_are_tensors_of_the_right_shape(processed_dir: Path) -> None:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
+from stages import cli, config
 from stages import download as download_module
 
-from .conftest import REPO, run, tool_env
+from .helpers.tools import REPO, run, tool_env
 
 
 def run_download(tmp_path: Path, mirror: Path, **env: str):
@@ -20,6 +23,39 @@ def run_download(tmp_path: Path, mirror: Path, **env: str):
     return run(
         ["python", "-m", "stages.download"], tmp_path, tool_env(FMNIST_MIRROR=str(mirror), **env)
     )
+
+
+STAGE_COMMANDS = [
+    stage["cmd"] for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values()
+]
+# Seconds to import; --help must answer without them.
+HEAVY_MODULES = {"torch", "prefect", "dvclive", "pydantic"}
+
+
+@pytest.mark.parametrize("command", STAGE_COMMANDS)
+def test_help_answers_before_torch_and_prefect_load(command: str) -> None:
+    module = command.removeprefix("python -m ")
+    result = run(
+        [sys.executable, "-X", "importtime", "-m", module, "--help"], REPO, tool_env(), check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(f"usage: {command} [-h] [--params PARAMS]")
+    assert "--params PARAMS" in result.stdout and f"\n{command}\n" in result.stdout  # docstring
+    # -X importtime writes "import time: self | cumulative | module" for every module imported.
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
+    assert not imported & HEAVY_MODULES, f"{module} --help imported {imported & HEAVY_MODULES}"
+
+
+@pytest.mark.parametrize("command", STAGE_COMMANDS)
+def test_a_bad_argument_is_refused_with_usage(command: str) -> None:
+    module = command.removeprefix("python -m ")
+    result = run([sys.executable, "-m", module, "--bogus"], REPO, tool_env(), check=False)
+    assert result.returncode == 2
+    assert "unrecognized arguments: --bogus" in result.stderr and "usage:" in result.stderr
+
+
+def test_the_cli_default_params_file_is_the_one_stages_read() -> None:
+    assert cli.PARAMS_FILE == config.PARAMS_FILE
 
 
 def test_bad_params_exit_non_zero_with_the_key_named(

@@ -1,6 +1,8 @@
+import json
 import logging
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -53,12 +55,33 @@ def test_weights_load_strictly_into_a_fresh_instance(trained: dict[str, Path]) -
     NeuralNetwork().load_state_dict(state, strict=True)
 
 
-def test_curves_are_logged_per_epoch(trained: dict[str, Path]) -> None:
+def test_curves_are_logged_per_epoch_numbered_from_1(trained: dict[str, Path]) -> None:
     curves = trained["live_dir"] / "plots" / "metrics"
-    for name in ("train/loss", "val/loss", "val/accuracy"):
-        lines = (curves / f"{name}.tsv").read_text().splitlines()
-        assert len(lines) == 1 + 2  # header + epochs
-    assert "val" in (trained["live_dir"] / "metrics.json").read_text()
+    for name in ("train/loss", "val/loss_train_objective", "val/loss", "val/accuracy"):
+        frame = pd.read_csv(curves / f"{name}.tsv", sep="\t")
+        assert list(frame["step"]) == [1, 2], name  # the epochs
+    summary = json.loads((trained["live_dir"] / "metrics.json").read_text())
+    assert set(summary["val"]) == {"loss_train_objective", "loss", "accuracy"}
+    assert summary["step"] == 2  # the last epoch
+
+
+def test_val_loss_under_the_training_objective_uses_its_label_smoothing(
+    tmp_path: Path, processed_dir: Path, small_params: Params, trained: dict[str, Path]
+) -> None:
+    """The objective's val loss matches the train loss's; without smoothing it is the plain loss."""
+
+    def last(live_dir: Path, name: str) -> float:
+        return pd.read_csv(live_dir / "plots" / "metrics" / f"{name}.tsv", sep="\t").iloc[-1, 1]
+
+    plain = trained["live_dir"]
+    assert small_params.train.label_smoothing == 0
+    assert last(plain, "val/loss_train_objective") == last(plain, "val/loss")
+    smoothed = small_params.model_copy(
+        update={"train": small_params.train.model_copy(update={"label_smoothing": 0.1})}
+    )
+    train.fn(smoothed, processed_dir, tmp_path / "w.pth", tmp_path / "live")
+    # (1 - 0.1) * CE + 0.1 * (mean over classes of -log p) > CE, the mean being >= log 10 > CE.
+    assert last(tmp_path / "live", "val/loss_train_objective") > last(tmp_path / "live", "val/loss")
 
 
 def test_training_learns_the_synthetic_task(trained: dict[str, Path]) -> None:

@@ -1,0 +1,95 @@
+"""A real `prefect server`, started with `make server` as a user would, and its REST API."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .tools import REPO, VENV_BIN, free_port, stop_session, tool_env
+
+# What a `make` run inside `make test` inherits, and must not pass to this independent make.
+MAKE_VARS = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+
+
+def server_command(port: int) -> list[str]:
+    """`make -s server PORT=port` in the checkout, with the tests' own venv and never pip.
+
+    VENV names the venv these tests run in (the Makefile's .venv under `make test`), and -o (make's
+    --assume-old) keeps its setup stamp as it is: a test never reinstalls the project.
+    """
+    make = shutil.which("make")
+    if make is None:
+        raise RuntimeError("make is not installed; the tests start `prefect server` with it")
+    venv = VENV_BIN.parent
+    return [
+        make,
+        "-s",
+        "-C",
+        str(REPO),
+        f"--assume-old={venv}/.installed",
+        "server",
+        f"PORT={port}",
+        f"VENV={venv}",
+    ]
+
+
+@contextmanager
+def running_server(home: Path, timeout: float = 120) -> Iterator[str]:
+    """`make server` on a free port with PREFECT_HOME=home; yields the API URL, then stops it.
+
+    PREFECT_UI_API_URL is left to the Makefile: a UI that works on this port (not 4200) shows that
+    `make server` sets it.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = tool_env(PREFECT_HOME=str(home))
+    for name in ("PREFECT_UI_API_URL", *MAKE_VARS):
+        env.pop(name, None)
+    log_path = home / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            server_command(port),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_healthy(url, server, log_path, timeout)
+            yield url
+        finally:
+            stop_session(server)
+
+
+def wait_healthy(url: str, server: subprocess.Popen, log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"prefect server did not start:\n{log_path.read_text()}")
+        time.sleep(0.5)
+
+
+def prefect_api(url: str, path: str, body: dict | None = None) -> Any:
+    """GET (or POST `body` as JSON) to the Prefect server's REST API; returns the decoded JSON."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"{url}{path}",
+        data=data,
+        method="GET" if body is None else "POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)

@@ -1,0 +1,106 @@
+"""Canary: the DVC names flows/dvc_runner.py relies on still exist and behave as it expects.
+
+A DVC upgrade that changes one fails here, in a second or two, naming the function, instead of
+making the flow mislabel stages or write a dvc.lock that `dvc repro` would not.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dvc.lock import LockError
+from dvc.repo import Repo, lock_repo
+from dvc.rwlock import rwlock
+from dvc.stage import Stage
+
+from flows.dvc_runner import run_in_process
+
+# name -> (the callable, the parameters the runner passes it, in order)
+SIGNATURES: dict[str, tuple[Any, list[str]]] = {
+    "dvc.rwlock.rwlock": (rwlock, ["tmp_dir", "fs", "cmd", "read", "write", "hardlink"]),
+    "dvc.repo.lock_repo": (lock_repo, ["repo"]),
+    "dvc.stage.Stage.changed": (Stage.changed, ["self", "allow_missing", "upstream"]),
+    "dvc.stage.Stage.remove_outs": (Stage.remove_outs, ["self", "ignore_remove", "force"]),
+    "dvc.stage.Stage.save": (Stage.save, ["self", "allow_missing", "run_cache"]),
+    "dvc.stage.Stage.commit": (Stage.commit, ["self", "allow_missing"]),
+}
+
+
+@pytest.mark.parametrize("name", SIGNATURES)
+def test_dvc_function_takes_the_arguments_the_runner_passes(name: str) -> None:
+    function, expected = SIGNATURES[name]
+    found = list(inspect.signature(function).parameters)
+    assert found[: len(expected)] == expected, f"{name} changed: its parameters are now {found}"
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # DVC finds dvc.yaml from the working folder
+
+
+def toy_repo(root: Path) -> Repo:
+    """A DVC repo (no git) with one stage: `python -c ...` writing a persisted out."""
+    root.mkdir()
+    os.chdir(root)
+    Repo.init(str(root), no_scm=True).close()
+    (root / "in.txt").write_text("input\n")
+    (root / "dvc.yaml").write_text(
+        "stages:\n"
+        "  copy:\n"
+        "    cmd: python -c \"open('out.txt', 'w').write(open('in.txt').read().upper())\"\n"
+        "    deps: [in.txt]\n"
+        "    outs:\n"
+        "      - out.txt:\n"
+        "          persist: true\n"
+    )
+    return Repo(str(root))
+
+
+def test_repro_fn_hook_gets_each_stage_with_upstream_and_force(tmp_path: Path) -> None:
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def spy(stage: Stage, **kwargs: Any) -> None:
+        calls.append((stage.name, kwargs))
+
+    with toy_repo(tmp_path / "repo") as repo:
+        repo.reproduce(repro_fn=spy)
+    assert [name for name, _ in calls] == ["copy"], "Repo.reproduce no longer calls repro_fn"
+    assert {"upstream", "force"} <= set(calls[0][1]), (
+        f"Repo.reproduce calls repro_fn with {sorted(calls[0][1])}, not upstream and force"
+    )
+
+
+def test_in_process_steps_leave_the_lock_dvc_repro_leaves(tmp_path: Path) -> None:
+    with toy_repo(tmp_path / "by_dvc") as repo:
+        repo.reproduce()
+    with toy_repo(tmp_path / "by_hook") as repo, lock_repo(repo):
+        (stage,) = repo.index.stages
+        assert stage.changed(False, None), "Stage.changed: a new stage is not seen as changed"
+        out = Path(repo.root_dir) / "out.txt"
+        run_in_process(stage, lambda: out.write_text("INPUT\n"), no_commit=False)
+        assert not stage.changed(False, None), "Stage.save/commit/dump left the stage changed"
+    by_dvc = (tmp_path / "by_dvc" / "dvc.lock").read_text()
+    assert (tmp_path / "by_hook" / "dvc.lock").read_text() == by_dvc
+
+
+def test_path_locks_refuse_a_second_holder(tmp_path: Path) -> None:
+    with toy_repo(tmp_path / "repo") as repo:
+        out = [repo.root_dir + "/out.txt"]
+        with rwlock(repo.tmp_dir, repo.fs, "first", [], out, False):
+            second = rwlock(repo.tmp_dir, repo.fs, "second", [], out, False)
+            with pytest.raises(LockError, match="is busy"), second:
+                pass
+            # DVC's own path locks in the same process, under the same command, do not block.
+            with rwlock(repo.tmp_dir, repo.fs, "first", out, out, False):
+                pass
+
+
+def test_repo_lock_refuses_a_second_repo(tmp_path: Path) -> None:
+    with toy_repo(tmp_path / "repo") as repo, lock_repo(repo):
+        assert repo.lock.is_locked, "lock_repo no longer takes the repo lock"
+        with Repo(repo.root_dir) as other, pytest.raises(LockError):
+            other.lock.lock()
