@@ -3,7 +3,9 @@
 Scores models/train/model_weights.pth on the test split. Writes to reports/evaluate/:
 metrics.json (accuracy, loss, macro_f1: shown by `dvc metrics show`), per_class.csv (precision,
 recall, F1 and support per class), confusion.csv (a DVC confusion plot), and the PNGs
-confusion_matrix.png and training_curves.png (the latter from train's dvclive curves).
+confusion_matrix.png and training_curves.png. The latter draws train's dvclive curves by epoch
+(from 1): the train loss beside the val loss under the same objective (label smoothing included),
+then the plain val cross-entropy, then the val accuracy.
 """
 
 from __future__ import annotations

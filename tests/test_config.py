@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,13 @@ def test_committed_params_are_valid() -> None:
     params = load_params(REPO / "params.yaml")
     assert params.train.hidden_sizes == [512, 512]
     assert params.device == "auto"
+
+
+def test_readme_shows_params_yaml_as_it_is() -> None:
+    readme = (REPO / "README.md").read_text()
+    shown = re.search(r"^```yaml\n(.*?)^```$", readme, re.M | re.S)
+    assert shown is not None, "README.md has no ```yaml block"
+    assert shown.group(1) == (REPO / "params.yaml").read_text()
 
 
 def test_missing_sections_take_defaults() -> None:

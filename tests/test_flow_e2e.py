@@ -17,7 +17,7 @@ from .helpers.tools import VENV_BIN, dvc, run, stages_run, stop_session, tool_en
 
 pytestmark = pytest.mark.e2e
 
-STAGES = ["download", "preprocess", "train", "evaluate", "export"]
+STAGES = ["validate", "download", "preprocess", "train", "evaluate", "export"]
 
 
 def run_flow(repo: Path, api: str, *args: str, check: bool = True, **env: str):
@@ -41,7 +41,7 @@ def task_states(api: str, run_id: str) -> dict[str, str]:
     return {r["name"].rsplit("-", 1)[0]: r["state"]["name"] for r in runs}  # "train-a2f"
 
 
-def test_flow_after_repro_caches_all_five_stages(pipeline_copy: Path, prefect_server: str) -> None:
+def test_flow_after_repro_caches_every_stage(pipeline_copy: Path, prefect_server: str) -> None:
     result, run_id = run_flow(pipeline_copy, prefect_server)
     assert run_id, result.stderr
     assert task_states(prefect_server, run_id) == dict.fromkeys(STAGES, "Cached")
@@ -61,9 +61,10 @@ def test_changed_param_reruns_the_same_stages_from_either_door(
 
     result, run_id = run_flow(pipeline_copy, prefect_server)
     states = task_states(prefect_server, run_id)
-    assert [s for s in STAGES if states[s] != "Cached"] == ["train", "evaluate", "export"]
-    assert {states[s] for s in ("train", "evaluate", "export")} == {"Completed"}
-    assert stages_run(dvc(twin, "repro").stdout) == ["train", "evaluate", "export"]
+    rerun = ["validate", "train", "evaluate", "export"]
+    assert [s for s in STAGES if states[s] != "Cached"] == rerun
+    assert {states[s] for s in rerun} == {"Completed"}
+    assert stages_run(dvc(twin, "repro").stdout) == rerun
 
     # One truth: the same lock from either door, and each door finds the other's work done.
     assert (pipeline_copy / "dvc.lock").read_bytes() == (twin / "dvc.lock").read_bytes()
@@ -219,9 +220,7 @@ CHROMIUM = shutil.which("chromium")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
-def test_ui_shows_the_five_task_runs(
-    pipeline_copy: Path, prefect_server: str, tmp_path: Path
-) -> None:
+def test_ui_shows_every_task_run(pipeline_copy: Path, prefect_server: str, tmp_path: Path) -> None:
     _, run_id = run_flow(pipeline_copy, prefect_server)
     ui = prefect_server.removesuffix("/api")
     url = f"{ui}/runs/flow-run/{run_id}?tab=Task%20Runs"

@@ -113,7 +113,7 @@ class Runner:
 
 def outs_by_stage(repo: Path) -> dict[str, list]:
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    return {name: stage["outs"] for name, stage in lock.items()}
+    return {name: stage.get("outs", []) for name, stage in lock.items()}
 
 
 @pytest.mark.parametrize("resume_with", ["dvc repro", "flow"])

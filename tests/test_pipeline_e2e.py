@@ -18,6 +18,7 @@ from .helpers.tools import REPO, dvc, run, stages_run, tool_env
 
 pytestmark = pytest.mark.e2e
 
+STAGES = ["validate", "download", "preprocess", "train", "evaluate", "export"]
 OUTS = [
     "data/raw/train-images-idx3-ubyte.gz",
     "data/processed/train.pt",
@@ -41,7 +42,7 @@ OUTS = [
 
 def test_repro_runs_every_stage_and_produces_every_out(pipeline: tuple[Path, str]) -> None:
     repo, output = pipeline
-    assert stages_run(output) == ["download", "preprocess", "train", "evaluate", "export"]
+    assert stages_run(output) == STAGES
     missing = [out for out in OUTS if not (repo / out).is_file()]
     assert missing == []
 
@@ -68,7 +69,7 @@ def test_second_repro_runs_no_stage(pipeline_copy: Path) -> None:
 def test_forced_rerun_is_byte_identical(pipeline_copy: Path, real_mirror: Path) -> None:
     lock = (pipeline_copy / "dvc.lock").read_bytes()
     result = dvc(pipeline_copy, "repro", "--force", FMNIST_MIRROR=str(real_mirror))
-    assert stages_run(result.stdout) == ["download", "preprocess", "train", "evaluate", "export"]
+    assert stages_run(result.stdout) == STAGES
     weights = pipeline_copy / "models/train/model_weights.pth"
     print(
         f"forced rerun: dvc.lock sha256 {hashlib.sha256(lock).hexdigest()} before, "
@@ -83,8 +84,9 @@ def test_learning_rate_change_reruns_train_evaluate_export(pipeline_copy: Path) 
     status = dvc(pipeline_copy, "status").stdout
     assert re.search(r"^train:\n(\s+.*\n)*?\s+modified:\s+train$", status, re.M), status
     assert not re.search(r"^(download|preprocess):", status, re.M), status
+    assert re.search(r"^validate:", status, re.M), status  # it checks every params edit
     result = dvc(pipeline_copy, "repro")
-    assert stages_run(result.stdout) == ["train", "evaluate", "export"]
+    assert stages_run(result.stdout) == ["validate", "train", "evaluate", "export"]
 
 
 def test_stage_help_starts_with_its_command() -> None:
