@@ -7,7 +7,7 @@ repository, one at a time. Stop with Ctrl-C.
 Schedules need a real server (Prefect's temporary one exits with this process), so this refuses
 to start without a reachable PREFECT_API_URL:
 
-    prefect server start --host 127.0.0.1          # in another terminal; UI on http://127.0.0.1:4200
+    make server          # in another terminal; UI on http://127.0.0.1:4200 (PORT=N for another)
     export PREFECT_API_URL=http://127.0.0.1:4200/api
     python -m flows.serve
 """

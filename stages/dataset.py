@@ -1,4 +1,5 @@
-"""The tutorial's custom Dataset, over one split held as whole tensors (DESIGN point 6).
+"""The tutorial's custom Dataset, over one split held as whole tensors (docs/architecture.md,
+"Design decisions").
 
 `preprocess` writes each split as `{"images": uint8 [N,28,28], "labels": int64 [N]}`
 (stages/fashion_mnist.py); train and evaluate load it with `load_dataset`, move it to the device
@@ -15,8 +16,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-# SplitFormatError: what FashionMNISTTensors and load_dataset raise for a malformed split.
-from stages.fashion_mnist import SplitFormatError as SplitFormatError
 from stages.fashion_mnist import check_split, load_split, load_stats
 
 

@@ -75,7 +75,7 @@ def kaiming_init(model: nn.Module) -> None:
     """He et al. (2015) for ReLU networks: weights ~ N(0, 2 / fan_in), zero biases.
 
     PyTorch's own Linear init draws from U(+-1/sqrt(fan_in)), a sixth of this variance; the
-    larger start trains the tutorial's network a little better in 20 epochs (README).
+    larger start trains the tutorial's network a little better in 20 epochs (docs/results.md).
     """
     for layer in model.modules():
         if isinstance(layer, nn.Linear | nn.Conv2d):

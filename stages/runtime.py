@@ -35,8 +35,8 @@ def stage_logger(stage: str) -> logging.Logger | logging.LoggerAdapter:
 
 
 START_SERVER_HINT = (
-    "start one with `prefect server start --host 127.0.0.1` and set "
-    "PREFECT_API_URL=http://127.0.0.1:4200/api"
+    "start one with `make server` (it runs `prefect server start --host 127.0.0.1 --port 4200` "
+    "with the UI set up for that port) and set PREFECT_API_URL=http://127.0.0.1:4200/api"
 )
 
 

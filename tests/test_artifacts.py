@@ -87,8 +87,8 @@ class _Payload:
 
 def test_a_malicious_pickle_is_refused_and_never_run(tmp_path: Path) -> None:
     from stages.config import TrainParams
-    from stages.dataset import SplitFormatError, load_split
     from stages.errors import StageError
+    from stages.fashion_mnist import SplitFormatError, load_split
     from stages.model import load_model
 
     marker = tmp_path / "pwned"

@@ -164,7 +164,7 @@ CASES: list[tuple[str, Setup, str]] = [
         "misspelt-section",
         params(trian={"epochs": 3}),
         "error: validate: params.yaml: invalid parameters\n"
-        "  trian = {'epochs': 3}: unknown key; allowed keys here: seed, device, download",
+        "  trian = {{'epochs': 3}}: unknown key; allowed keys here: seed, device, download",
     ),
     (
         "unknown-key",
