@@ -1,6 +1,7 @@
 # `make pipeline` and `make test` are the two commands a newcomer needs; both set up .venv first.
 PYTHON ?= python3
-PORT ?= 4200
+# `make server PORT=4300` sets it; not ?=, since a PORT in the environment may be another's.
+PORT = 4200
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

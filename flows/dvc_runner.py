@@ -5,14 +5,15 @@ experiment executor also uses. DVC still decides everything `dvc repro` decides:
 graph and its order, and (through `Stage.changed`) which stages are up to date. For a stage
 whose command is `python -m stages.<name>` the hook calls that module's Prefect task in this
 process, then saves, commits and dumps the stage with DVC's own methods, so dvc.lock and the
-cache come out as `dvc repro` leaves them. Any other command takes DVC's own path.
+cache come out as `dvc repro` leaves them. Any other command, and a frozen stage, takes DVC's
+own per-stage step.
 
-The whole run holds DVC's repo lock and DVC's path locks (rwlock) on every out, so a flow run
-and a `dvc repro` never interleave: whichever comes second fails within seconds with
-`PipelineBusyError`, or waits (`wait_for_lock`).
+The run holds DVC's path locks (rwlock) on every dep and out from start to end, and its repo
+lock too except while DVC's own step runs another command. A flow run and a `dvc repro` never
+interleave: whichever comes second fails within seconds with `PipelineBusyError`, or waits.
 
-tests/test_dvc_internals.py checks each DVC name used here, so a DVC upgrade that changes one
-fails there, naming it, rather than here.
+tests/test_dvc_internals.py checks each DVC name used here: an upgrade that changes one fails
+there, naming it.
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, chdir, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from dvc.lock import LockError
 from dvc.repo import Repo, lock_repo
+from dvc.repo.reproduce import _reproduce_stage as reproduce_stage
 from dvc.rwlock import rwlock
 from dvc.stage import Stage
 from prefect import Task, task
@@ -45,12 +47,12 @@ NO_DEVICE = "none: no stage ran in process"
 
 
 class PipelineBusyError(StageError):
-    """Another `dvc repro` or flow run holds DVC's repo lock or a path this run writes."""
+    """Another `dvc repro` or flow run holds DVC's repo lock or a path this run uses."""
 
 
 @dataclass
 class StageRecord:
-    status: str  # "ran" (its task, in process), "ran by DVC" (its command) or "up to date"
+    status: Literal["ran", "reproduced by DVC", "up to date"]
     seconds: float
     note: str = ""
 
@@ -65,20 +67,15 @@ class RunRecord:
 
 @task(cache_policy=NONE, persist_result=False)
 def stand_in(state_name: str, note: str) -> State:
-    """Stands for a stage that ran no task here (up to date, or run by DVC), so the UI shows
-    every stage of every run."""
+    """A stage that ran no task here (up to date, or reproduced by DVC), shown in the UI."""
     return Completed(name=state_name, message=note)
 
 
-def stage_task(stage: Stage) -> Task | None:
-    """The Prefect task behind a `python -m stages.<name>` command; None for other commands."""
+def in_process_name(stage: Stage) -> str | None:
+    """<name> for a `python -m stages.<name>` stage the flow runs in process; else None."""
     match = STAGE_COMMAND.match(str(stage.cmd).strip())
-    if not match:
+    if not match or stage.frozen:  # DVC only checks a frozen stage's outs: its own step does
         return None
-    name = match.group(1)
-    stage_fn = getattr(importlib.import_module(f"stages.{name}"), name, None)
-    if not isinstance(stage_fn, Task):
-        raise StageError(f"{stage.addressing}: stages/{name}.py defines no Prefect task `{name}`")
     not_persisted = [str(out) for out in stage.outs if not out.persist]
     if not_persisted:
         # DVC would consult its run cache for these; running the task instead could differ.
@@ -86,6 +83,14 @@ def stage_task(stage: Stage) -> Task | None:
             f"{stage.addressing}: outs {', '.join(not_persisted)} lack `persist: true` in "
             "dvc.yaml; the flow runs a stage in process only when all its outs persist"
         )
+    return match.group(1)
+
+
+def stage_task(stage: Stage, name: str) -> Task:
+    """The Prefect task `stages/<name>.py` defines under its own name."""
+    stage_fn = getattr(importlib.import_module(f"stages.{name}"), name, None)
+    if not isinstance(stage_fn, Task):
+        raise StageError(f"{stage.addressing}: stages/{name}.py defines no Prefect task `{name}`")
     return stage_fn
 
 
@@ -93,20 +98,22 @@ def call_task(stage: Stage, stage_fn: Task, record: RunRecord) -> None:
     """Runs the task as DVC runs a command: in the stage's folder, DVC_ROOT set, params fresh."""
     root = stage.repo.root_dir
     params = load_params(Path(root) / PARAMS_FILE)  # read per stage, as DVC reads it per stage
-    if record.device == NO_DEVICE:  # torch is imported only once a stage has work to do
+    if record.device == NO_DEVICE:  # for the run summary; a stage that needs it fails by itself
         from stages.device import resolve_device
 
-        record.device = str(resolve_device(params.device))
+        try:
+            record.device = str(resolve_device(params.device))
+        except StageError as exc:
+            record.device = f"unavailable: {exc}"
     options = getattr(importlib.import_module(stage_fn.fn.__module__), "prefect_options", None)
     if options is not None:  # task options (retries) a stage takes from params
         stage_fn = stage_fn.with_options(**options(params))
-    previous_cwd, previous_root = Path.cwd(), os.environ.get("DVC_ROOT")
-    os.chdir(stage.wdir)
+    previous_root = os.environ.get("DVC_ROOT")
     os.environ["DVC_ROOT"] = root
     try:
-        stage_fn(params)
+        with chdir(stage.wdir):
+            stage_fn(params)
     finally:
-        os.chdir(previous_cwd)
         if previous_root is None:
             os.environ.pop("DVC_ROOT", None)
         else:
@@ -123,21 +130,19 @@ def run_in_process(stage: Stage, command: Callable[[], None], no_commit: bool) -
     stage.dump(update_pipeline=False)
 
 
-def make_repro_fn(record: RunRecord) -> Any:
+def make_repro_fn(record: RunRecord) -> Callable[..., Stage | None]:
     """The per-stage step `Repo.reproduce` calls, in DVC's order, with DVC's arguments."""
 
     def repro_fn(
         stage: Stage, upstream: list[Stage] | None = None, force: bool = False, **kwargs: Any
     ) -> Stage | None:
         start = time.perf_counter()
-        stage_fn = stage_task(stage)
-        if stage_fn is None:  # DVC's own path, as `dvc repro` takes it
-            reproduced = stage.reproduce(upstream=upstream, force=force, **kwargs)
-            if reproduced is not None:
-                stage.dump(update_pipeline=False)
-            status, note = "ran by DVC", f"`{stage.cmd}`, run by DVC as `dvc repro` runs it"
+        name = in_process_name(stage)
+        if name is None:  # DVC's own per-stage step, as `dvc repro` takes it
+            reproduced = reproduce_stage(stage, upstream=upstream, force=force, **kwargs)
+            status, note = "reproduced by DVC", f"`{stage.cmd}`: run, or restored from its cache"
         elif force or stage.changed(kwargs.get("allow_missing", False), upstream):
-            command = partial(call_task, stage, stage_fn, record)
+            command = partial(call_task, stage, stage_task(stage, name), record)
             run_in_process(stage, command, kwargs.get("no_commit", False))
             reproduced, status, note = stage, "ran", "its Prefect task, in the flow's process"
         else:
@@ -155,20 +160,21 @@ def make_repro_fn(record: RunRecord) -> Any:
 
 @contextmanager
 def hold_pipeline(repo: Repo, wait: bool) -> Iterator[None]:
-    """Holds DVC's repo lock, and its path locks on every out, until the block ends.
+    """Holds DVC's repo lock, and its path locks on every dep and out, until the block ends.
 
-    `dvc repro` lets go of the repo lock while a stage's command runs, keeping only the path
-    locks of that stage; asking for every out's path lock is how a run sees it mid-stage.
+    `dvc repro` lets go of the repo lock while a stage's command runs, keeping only path locks:
+    read on that stage's deps, write on its outs. Asking to write every path is how a run sees
+    it mid-stage, even mid-`validate`, which has no outs.
     """
-    outs = [out.fs_path for stage in repo.index.stages for out in stage.outs]
+    stages = repo.index.stages
+    paths = list(dict.fromkeys(item.fs_path for s in stages for item in (*s.deps, *s.outs)))
     hardlink = repo.config["core"].get("hardlink_lock", False)
+    cmd = " ".join(sys.argv)  # what DVC records for its own path locks in this process
     while True:
         with ExitStack() as held:
             try:
                 held.enter_context(lock_repo(repo))  # DVC's retries: seconds, or for ever
-                # Under the command DVC itself records for this process's path locks.
-                cmd = " ".join(sys.argv)
-                held.enter_context(rwlock(repo.tmp_dir, repo.fs, cmd, [], outs, hardlink))
+                held.enter_context(rwlock(repo.tmp_dir, repo.fs, cmd, [], paths, hardlink))
             except LockError as exc:
                 busy = exc
             else:
@@ -185,10 +191,6 @@ def hold_pipeline(repo: Repo, wait: bool) -> Iterator[None]:
 def reproduce(root: Path, targets: list[str] | None, force: bool, wait_for_lock: bool) -> RunRecord:
     """`dvc repro [--force] [TARGET ...]` with in-process stages; returns what each stage did."""
     record = RunRecord()
-    repo = Repo(str(root), _wait_for_lock=wait_for_lock)
-    try:
-        with hold_pipeline(repo, wait_for_lock):
-            repo.reproduce(targets=targets or None, force=force, repro_fn=make_repro_fn(record))
-    finally:
-        repo.close()
+    with Repo(str(root), _wait_for_lock=wait_for_lock) as repo, hold_pipeline(repo, wait_for_lock):
+        repo.reproduce(targets=targets or None, force=force, repro_fn=make_repro_fn(record))
     return record

@@ -46,7 +46,7 @@ from stages.checkpoint import (
     training_state,
 )
 from stages.config import CHECKPOINT, LIVE_DIR, PROCESSED_DIR, TRAINED_WEIGHTS, Params, TrainParams
-from stages.dataset import ShiftFlip, load_dataset, make_loader
+from stages.dataset import IndexBatchSampler, ShiftFlip, load_dataset, make_loader
 from stages.device import Logger, configure_determinism, configure_threads, resolve_device
 from stages.errors import StageError
 from stages.model import accuracy, build_model, test_losses
@@ -266,7 +266,7 @@ class AfterBatch:
             self.checkpoints.save(self.progress)
 
 
-def validate(
+def epoch_metrics(
     model: nn.Module, val_loader: DataLoader, record: EpochRecord, label_smoothing: float
 ) -> dict[str, float]:
     """The epoch's metrics: the mean train loss over its batches; on the validation split, after
@@ -345,6 +345,8 @@ def train(
     augment = make_augment(hp, params.seed)
     train_loader, val_loader = make_loaders(processed_dir, params, device, order_generator, augment)
     steps_per_epoch = len(train_loader)
+    sampler = train_loader.batch_sampler
+    assert isinstance(sampler, IndexBatchSampler)  # it skips a resumed epoch's done batches
 
     model = build_model(hp).to(device)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
@@ -380,12 +382,12 @@ def train(
         for epoch in range(progress.epoch, hp.epochs + 1):
             # The epoch's batch order from its start; a resumed epoch skips the batches it did.
             order_generator.set_state(progress.order)
-            train_loader.batch_sampler.skip = len(progress.record.losses)
+            sampler.skip = len(progress.record.losses)
             train_loop(
                 train_loader, model, loss_fn, optimizer, scheduler, progress.record, after_batch
             )
             require_finite(progress.record, epoch, steps_per_epoch, hp)
-            metrics = validate(model, val_loader, progress.record, hp.label_smoothing)
+            metrics = epoch_metrics(model, val_loader, progress.record, hp.label_smoothing)
             log_epoch(live, epoch, metrics)
             bar.update()
             bar.set_postfix(

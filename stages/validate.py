@@ -2,8 +2,8 @@
 
 Checks params.yaml as every stage reads it: an unknown key (a misspelt section such as
 `trian:`), a wrong type or a value out of range stops the pipeline here, naming the key. dvc.yaml
-runs this stage first and tracks all of params.yaml for it, so any edit reruns this check (a
-second or two) and nothing else that the edit does not concern. It writes nothing.
+runs this stage first and tracks all of params.yaml for it, so any edit reruns this check (about
+2 s) and nothing else that the edit does not concern. It writes nothing.
 """
 
 from __future__ import annotations

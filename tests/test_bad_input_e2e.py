@@ -26,13 +26,14 @@ TRAIN_IMAGES = "data/raw/train-images-idx3-ubyte.gz"
 TRAIN_LABELS = "data/raw/train-labels-idx1-ubyte.gz"
 
 
-def snapshot(repo: Path) -> dict[str, str]:
+def snapshot(repo: Path, validated: bool = False) -> dict[str, str]:
     """sha256 of dvc.lock and of every file under the folders that hold outs.
 
-    dvc.lock's `validate` entry is left out: params that pass validation and then fail in a
-    later stage were validated, and DVC records that truly."""
+    `validated`: leave out dvc.lock's `validate` entry. Params that pass validation and then
+    fail in a later stage were validated, and DVC records that truly."""
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    lock["stages"].pop("validate", None)
+    if validated:
+        lock["stages"].pop("validate")
     hashes = {"dvc.lock": hashlib.sha256(yaml.safe_dump(lock).encode()).hexdigest()}
     for folder in ("data", "models", "reports"):
         for p in sorted((repo / folder).rglob("*")):
@@ -296,15 +297,16 @@ def test_bad_input_names_the_culprit_and_changes_nothing(
     if case == "cuda-missing" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     args, env = setup(pipeline_copy, tmp_path, real_mirror)
-    before = snapshot(pipeline_copy)
+    before, before_validated = snapshot(pipeline_copy), snapshot(pipeline_copy, validated=True)
     folder = pipeline_copy / "models/train"
     with read_only(folder) if case == "read-only-output-folder" else nullcontext():
         result = dvc(pipeline_copy, "repro", *args, check=False, **env)
     assert result.returncode != 0, result.stdout
     assert message.format(mirror=env.get("FMNIST_MIRROR")) in result.stderr, result.stderr
-    assert snapshot(pipeline_copy) == before
-    assert not (tmp_path / "pwned").exists()
     ran = stages_run(result.stdout)
+    validated = ran[:1] == ["validate"] and "error: validate:" not in result.stderr
+    assert snapshot(pipeline_copy, validated) == (before_validated if validated else before)
+    assert not (tmp_path / "pwned").exists()
     if case == "misspelt-section":
         assert ran == ["validate"]
     ran = ran[1:] if ran[:1] == ["validate"] else ran  # it runs first whenever params change

@@ -8,25 +8,32 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from dvc.dvcfile import ProjectFile
 from dvc.lock import LockError
 from dvc.repo import Repo, lock_repo
+from dvc.repo.reproduce import _reproduce_stage
 from dvc.rwlock import rwlock
 from dvc.stage import Stage
+from dvc.stage.cache import _can_hash
 
-from flows.dvc_runner import run_in_process
+from flows.dvc_runner import hold_pipeline, run_in_process
 
-# name -> (the callable, the parameters the runner passes it, in order)
+# name -> (the callable, the parameters the runner passes it: its first ones, in order)
 SIGNATURES: dict[str, tuple[Any, list[str]]] = {
     "dvc.rwlock.rwlock": (rwlock, ["tmp_dir", "fs", "cmd", "read", "write", "hardlink"]),
     "dvc.repo.lock_repo": (lock_repo, ["repo"]),
+    "dvc.repo.reproduce._reproduce_stage": (_reproduce_stage, ["stage", "kwargs"]),
     "dvc.stage.Stage.changed": (Stage.changed, ["self", "allow_missing", "upstream"]),
     "dvc.stage.Stage.remove_outs": (Stage.remove_outs, ["self", "ignore_remove", "force"]),
     "dvc.stage.Stage.save": (Stage.save, ["self", "allow_missing", "run_cache"]),
     "dvc.stage.Stage.commit": (Stage.commit, ["self", "allow_missing"]),
+    # Stage.dump(**kwargs) hands update_pipeline on to the dvc.yaml file's dump.
+    "dvc.dvcfile.ProjectFile.dump": (ProjectFile.dump, ["self", "stage", "update_pipeline"]),
 }
 
 
@@ -37,9 +44,17 @@ def test_dvc_function_takes_the_arguments_the_runner_passes(name: str) -> None:
     assert found[: len(expected)] == expected, f"{name} changed: its parameters are now {found}"
 
 
+def test_repo_takes_wait_for_lock() -> None:
+    found = inspect.signature(Repo.__init__).parameters
+    assert "_wait_for_lock" in found, f"dvc.repo.Repo() changed: its parameters are now {found}"
+
+
 @pytest.fixture(autouse=True)
 def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # DVC finds dvc.yaml from the working folder
+
+
+COPY_UPPER = "open('out.txt', 'w').write(open('in.txt').read().upper())"
 
 
 def toy_repo(root: Path) -> Repo:
@@ -51,7 +66,7 @@ def toy_repo(root: Path) -> Repo:
     (root / "dvc.yaml").write_text(
         "stages:\n"
         "  copy:\n"
-        "    cmd: python -c \"open('out.txt', 'w').write(open('in.txt').read().upper())\"\n"
+        f'    cmd: {sys.executable} -c "{COPY_UPPER}"\n'
         "    deps: [in.txt]\n"
         "    outs:\n"
         "      - out.txt:\n"
@@ -77,14 +92,25 @@ def test_repro_fn_hook_gets_each_stage_with_upstream_and_force(tmp_path: Path) -
 def test_in_process_steps_leave_the_lock_dvc_repro_leaves(tmp_path: Path) -> None:
     with toy_repo(tmp_path / "by_dvc") as repo:
         repo.reproduce()
-    with toy_repo(tmp_path / "by_hook") as repo, lock_repo(repo):
+    with toy_repo(tmp_path / "by_hook") as repo, hold_pipeline(repo, wait=False):
         (stage,) = repo.index.stages
+        assert not _can_hash(stage), "DVC's run cache now takes persisted outs: consult it"
         assert stage.changed(False, None), "Stage.changed: a new stage is not seen as changed"
+        dvc_yaml = (tmp_path / "by_hook" / "dvc.yaml").read_text()
         out = Path(repo.root_dir) / "out.txt"
         run_in_process(stage, lambda: out.write_text("INPUT\n"), no_commit=False)
         assert not stage.changed(False, None), "Stage.save/commit/dump left the stage changed"
+        assert (tmp_path / "by_hook" / "dvc.yaml").read_text() == dvc_yaml, "dump rewrote dvc.yaml"
     by_dvc = (tmp_path / "by_dvc" / "dvc.lock").read_text()
     assert (tmp_path / "by_hook" / "dvc.lock").read_text() == by_dvc
+
+
+def test_dvcs_own_step_runs_under_the_flows_locks(tmp_path: Path) -> None:
+    # DVC's per-stage path locks, taken in this process under the same command line, re-enter.
+    with toy_repo(tmp_path / "repo") as repo, hold_pipeline(repo, wait=False):
+        (stage,) = repo.index.stages
+        assert _reproduce_stage(stage, upstream=[], force=False) is stage
+    assert (tmp_path / "repo" / "out.txt").read_text() == "INPUT\n"
 
 
 def test_path_locks_refuse_a_second_holder(tmp_path: Path) -> None:

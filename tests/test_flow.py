@@ -4,6 +4,8 @@ records (the end-to-end runs are in test_flow_e2e.py)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +37,31 @@ def test_a_stage_module_command_maps_to_its_task(
 ) -> None:
     stage = "  train:\n    cmd: python -m stages.train\n" + PERSISTED.format("w.pth")
     with repo_with(tmp_path / "repo", stage, monkeypatch) as repo:
-        assert runner.stage_task(only_stage(repo)) is train
+        name = runner.in_process_name(only_stage(repo))
+        assert name == "train"
+        assert runner.stage_task(only_stage(repo), name) is train
 
 
-def test_other_commands_take_dvcs_own_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    stage = "  shout:\n    cmd: echo hi > out.txt\n    outs: [out.txt]\n"
+@pytest.mark.parametrize(
+    "stage",
+    [
+        "  shout:\n    cmd: echo hi > out.txt\n    outs: [out.txt]\n",
+        # DVC only checks a frozen stage's outs; its own step does that.
+        "  train:\n    cmd: python -m stages.train\n    frozen: true\n" + PERSISTED.format("w.pth"),
+    ],
+    ids=["other-command", "frozen"],
+)
+def test_other_stages_take_dvcs_own_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
     with repo_with(tmp_path / "repo", stage, monkeypatch) as repo:
-        assert runner.stage_task(only_stage(repo)) is None
+        assert runner.in_process_name(only_stage(repo)) is None
 
 
 @pytest.mark.parametrize(
     ("stage", "message"),
     [
-        ("  s:\n    cmd: python -m stages.errors\n", "defines no Prefect task `errors`"),
+        ("  errors:\n    cmd: python -m stages.errors\n", "defines no Prefect task `errors`"),
         (
             "  train:\n    cmd: python -m stages.train\n    outs: [w.pth]\n",
             "outs w.pth lack `persist: true`",
@@ -61,7 +75,8 @@ def test_a_stage_the_flow_cannot_run_like_dvc_is_refused(
         repo_with(tmp_path / "repo", stage, monkeypatch) as repo,
         pytest.raises(StageError, match=message),
     ):
-        runner.stage_task(only_stage(repo))
+        stage = only_stage(repo)
+        runner.stage_task(stage, runner.in_process_name(stage))
 
 
 def test_record_says_what_dvc_did_with_a_command_stage(
@@ -78,7 +93,7 @@ def test_record_says_what_dvc_did_with_a_command_stage(
     with repo_with(tmp_path / "repo", stage, monkeypatch) as repo, lock_repo(repo):
         repro_fn = runner.make_repro_fn(record)
         assert repro_fn(only_stage(repo)) is not None
-        assert record.stages["shout"].status == "ran by DVC"
+        assert record.stages["shout"].status == "reproduced by DVC"
         assert (Path(repo.root_dir) / "out.txt").read_text() == "hi\n"
         assert (Path(repo.root_dir) / "dvc.lock").is_file()
         repo._reset()
@@ -87,3 +102,20 @@ def test_record_says_what_dvc_did_with_a_command_stage(
     assert stand_ins == [("shout", "Completed"), ("shout", "Cached")]
     assert record.device == runner.NO_DEVICE  # no stage ran in process
     assert os.getcwd() == str(tmp_path / "repo")
+
+
+def test_a_second_run_is_busy_while_one_holds_the_pipeline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stage = "  shout:\n    cmd: echo hi > out.txt\n" + PERSISTED.format("out.txt")
+    second = (
+        "from dvc.repo import Repo; from flows.dvc_runner import hold_pipeline\n"
+        "with Repo('.') as repo, hold_pipeline(repo, wait=False): pass"
+    )
+    with repo_with(tmp_path / "repo", stage, monkeypatch) as repo:
+        with runner.hold_pipeline(repo, wait=False):
+            busy = subprocess.run([sys.executable, "-c", second], capture_output=True, text=True)
+        free = subprocess.run([sys.executable, "-c", second], capture_output=True, text=True)
+    assert busy.returncode != 0
+    assert "PipelineBusyError: pipeline busy" in busy.stderr, busy.stderr
+    assert free.returncode == 0, free.stderr
