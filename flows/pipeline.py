@@ -15,6 +15,12 @@ repro` there).
 from __future__ import annotations
 
 import argparse
+
+from flows.cli import pipeline_args
+
+if __name__ == "__main__":  # --help and a bad argument answer before DVC and Prefect load
+    ARGS = pipeline_args(__doc__)
+
 import hashlib
 import json
 import subprocess
@@ -109,25 +115,10 @@ def pipeline(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m flows.pipeline",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--force", action="store_true", help="rerun every stage")
-    parser.add_argument(
-        "--target",
-        action="append",
-        dest="targets",
-        metavar="STAGE",
-        help="reproduce this stage and what it needs (repeatable)",
-    )
-    parser.add_argument(
-        "--wait-for-lock",
-        action="store_true",
-        help="wait for a concurrent dvc repro or flow run instead of failing",
-    )
-    args = parser.parse_args(argv)
+    return run(pipeline_args(__doc__, argv))
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         if api_url := prefect_api_url():
             require_prefect_server(api_url)
@@ -141,4 +132,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(ARGS))

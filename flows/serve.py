@@ -15,6 +15,12 @@ to start without a reachable PREFECT_API_URL:
 from __future__ import annotations
 
 import argparse
+
+from flows.cli import serve_args
+
+if __name__ == "__main__":  # --help and a bad argument answer before Prefect loads
+    ARGS = serve_args(__doc__)
+
 import os
 import sys
 from pathlib import Path
@@ -22,21 +28,14 @@ from pathlib import Path
 from stages.errors import StageError
 from stages.runtime import START_SERVER_HINT, prefect_api_url, require_prefect_server
 
-DEFAULT_CRON = "0 3 * * *"  # every day at 03:00
 DEPLOYMENT_NAME = "scheduled"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m flows.serve",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--cron", default=DEFAULT_CRON, help='cron schedule (default: "%(default)s", daily 03:00)'
-    )
-    parser.add_argument("--timezone", default="UTC", help="timezone of the schedule (default: UTC)")
-    args = parser.parse_args(argv)
+    return run(serve_args(__doc__, argv))
+
+
+def run(args: argparse.Namespace) -> int:
     url = prefect_api_url()
     try:
         if not url:
@@ -67,4 +66,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(ARGS))

@@ -54,6 +54,19 @@ def test_a_bad_argument_is_refused_with_usage(command: str) -> None:
     assert "unrecognized arguments: --bogus" in result.stderr and "usage:" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("module", "option"), [("flows.pipeline", "--wait-for-lock"), ("flows.serve", "--cron CRON")]
+)
+def test_flow_help_answers_before_dvc_and_prefect_load(module: str, option: str) -> None:
+    result = run(
+        [sys.executable, "-X", "importtime", "-m", module, "--help"], REPO, tool_env(), check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(f"usage: python -m {module} [-h]") and option in result.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
+    assert not imported & (HEAVY_MODULES | {"dvc"}), f"{module} --help imported them"
+
+
 def test_the_cli_default_params_file_is_the_one_stages_read() -> None:
     assert cli.PARAMS_FILE == config.PARAMS_FILE
 
