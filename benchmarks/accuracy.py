@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from ruamel.yaml import YAML
 
 from stages.config import PROCESSED_DIR, Params, ParamsError, load_params, parse_params
 from stages.dataset import load_dataset, make_loader
@@ -37,7 +37,7 @@ def with_overrides(settings: list[str]) -> Params:
         target = raw
         for section in sections:
             target = target.setdefault(section, {})
-        target[name] = yaml.safe_load(value)
+        target[name] = YAML(typ="safe").load(value)  # YAML 1.2, as DVC and the stages read it
     try:
         return parse_params(raw, f"params.yaml with --set {' '.join(settings)}")
     except ParamsError as exc:

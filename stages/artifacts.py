@@ -20,6 +20,7 @@ import psutil
 import torch
 
 from stages.errors import StageError
+from stages.signals import deferred
 
 
 class OutputError(StageError):
@@ -59,9 +60,19 @@ def _unwritable(dest: Path, exc: OSError) -> OutputError:
     )
 
 
-def require_writable(*dests: Path) -> None:
-    """Fails before any work unless each out's folder takes a new file (what a rename needs)."""
+def _folder_in_the_way(dest: Path) -> OutputError:
+    return OutputError(
+        f"{dest}: is a folder, expected a file (or nothing) there; move or delete the folder"
+    )
+
+
+def require_writable(*dests: Path, files: bool = False) -> None:
+    """Fails before any work unless each out's folder takes a new file (what a rename needs);
+    with `files`, also unless each dest is a file or nothing (a folder there cannot be replaced by
+    a file)."""
     for dest in map(Path, dests):
+        if files and dest.is_dir():
+            raise _folder_in_the_way(dest)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=dest.parent):
@@ -72,6 +83,8 @@ def require_writable(*dests: Path) -> None:
 
 def _new_temp(dest: Path, folder: bool) -> Path:
     """An empty temporary file or folder beside dest, after clearing a killed writer's ones."""
+    if not folder and dest.is_dir():  # found before anything is written, not at the rename
+        raise _folder_in_the_way(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(dest)
@@ -166,7 +179,8 @@ def write_json(obj: Any, dest: Path) -> None:
 def torch_save(obj: Any, path: Path) -> None:
     # Through a file object: given a path, torch names the archive's records after the file, and
     # the random temporary name would make identical weights hash differently.
-    with open(path, "wb") as handle:
+    # A stop signal waits: torch's writer cut half-way fails in its own cleanup, hiding the signal.
+    with open(path, "wb") as handle, deferred():
         torch.save(obj, handle)
 
 

@@ -17,6 +17,7 @@ if __name__ == "__main__":  # --help and a bad argument answer before torch and 
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
@@ -93,15 +94,44 @@ def plot_confusion(counts: torch.Tensor, accuracy: float, dest: Path) -> None:
 CURVES = ("train/loss", "val/loss_train_objective", "val/loss", "val/accuracy")
 
 
+class CurvesFormatError(StageError):
+    """A dvclive curve file is not what the train stage writes."""
+
+
+def read_curve(path: Path, name: str) -> pd.DataFrame:
+    """One curve as dvclive writes it: numeric, finite `step` and value columns, one row per
+    epoch; anything else is refused, naming the file."""
+    column = name.split("/")[-1]
+    if not path.is_file():
+        raise CurvesFormatError(f"{path}: missing; run the train stage first")
+    try:
+        frame = pd.read_csv(path, sep="\t")
+    except ValueError as exc:  # pandas' parser errors, undecodable bytes, an empty file
+        problem = f"not a tab-separated table ({str(exc).strip().splitlines()[0]})"
+    else:
+        missing = [c for c in ("step", column) if c not in frame.columns]
+        if missing:
+            problem = f"no {' or '.join(map(repr, missing))} column"
+        elif frame.empty:
+            problem = "no rows"
+        else:
+            values = frame[["step", column]].apply(pd.to_numeric, errors="coerce")
+            bad = [c for c in values if not np.isfinite(values[c].to_numpy(float)).all()]
+            if not bad:
+                return values
+            problem = f"a {bad[0]!r} value that is not a finite number"
+    raise CurvesFormatError(
+        f"{path}: {problem}; expected dvclive's columns 'step' and {column!r}, one numeric row "
+        "per epoch; rerun the train stage"
+    )
+
+
 def read_training_curves(live_dir: Path) -> dict[str, pd.DataFrame]:
     """train's dvclive curves, by metric name."""
-    curves = {}
-    for name in CURVES:
-        path = Path(live_dir) / "plots" / "metrics" / f"{name}.tsv"
-        if not path.is_file():
-            raise StageError(f"{path}: missing; run the train stage first")
-        curves[name] = pd.read_csv(path, sep="\t")
-    return curves
+    return {
+        name: read_curve(Path(live_dir) / "plots" / "metrics" / f"{name}.tsv", name)
+        for name in CURVES
+    }
 
 
 def curve_panels(label_smoothing: float) -> list[tuple[str, str, dict[str, str]]]:
@@ -151,7 +181,7 @@ def evaluate(
     out_dir: Path = EVAL_DIR,
 ) -> dict[str, float]:
     log = stage_logger("evaluate")
-    require_writable(*(Path(out_dir) / name for name in OUT_FILES))
+    require_writable(*(Path(out_dir) / name for name in OUT_FILES), files=True)
     device = resolve_device(params.device, log)
     test_data = load_dataset(processed_dir, "test", device)
     model = load_model(weights_path, params.train, device)

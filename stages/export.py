@@ -135,7 +135,7 @@ def export(
     out_dir: Path = EXPORT_DIR,
 ) -> dict[str, Any]:
     log = stage_logger("export")
-    require_writable(*(Path(out_dir) / name for name in OUT_FILES))
+    require_writable(*(Path(out_dir) / name for name in OUT_FILES), files=True)
     p = params.train
     # Every input is read before any out is touched: a missing one leaves the old outs in place.
     model = load_model(weights_path, p)

@@ -11,6 +11,7 @@ The facts preprocess, the Dataset and the networks share live here, so that edit
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -88,15 +89,45 @@ def load_split(processed_dir: Path, split: str) -> tuple[torch.Tensor, torch.Ten
     return data["images"], data["labels"]
 
 
+# The smallest pixel std normalisation accepts: images this uniform are blank, and dividing by
+# less makes inputs in the thousands, which training would report as divergence.
+MIN_STD = 1e-3
+
+
+class StatsError(StageError):
+    """The normalisation stats are not numbers training can divide by."""
+
+
+def stats_problem(mean: float, std: float) -> str | None:
+    """What is wrong with a normalisation (mean, std) on the 0..1 pixel scale, or None."""
+    if not math.isfinite(mean) or not 0 <= mean <= 1:
+        return f"mean = {mean}: expected a number from 0 to 1 (the pixel scale)"
+    if not math.isfinite(std) or not MIN_STD <= std <= 1:
+        return f"std = {std}: expected a number from {MIN_STD:g} to 1 (the pixel scale)"
+    return None
+
+
 def load_stats(processed_dir: Path) -> tuple[float, float]:
     """The normalisation (mean, std) that preprocess chose, on the 0..1 pixel scale."""
     path = Path(processed_dir) / STATS_FILE
     try:
         stats = json.loads(path.read_text())
-        return float(stats["mean"]), float(stats["std"])
+        mean, std = stats["mean"], stats["std"]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (mean, std)):
+            raise TypeError(f"mean {mean!r}, std {std!r}")
     except FileNotFoundError:
         raise SplitFormatError(f"{path}: missing; run the preprocess stage first") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise SplitFormatError(
             f"{path}: expected {{'mean': float, 'std': float}} ({exc})"
         ) from None
+    problem = stats_problem(float(mean), float(std))
+    if problem is not None:
+        if stats.get("source") == "params.yaml":
+            where = (
+                "it comes from preprocess.mean and preprocess.std in params.yaml: fix them there"
+            )
+        else:
+            where = "preprocess computes it from the train split: rerun the preprocess stage"
+        raise StatsError(f"{path}: {problem}; {where}")
+    return float(mean), float(std)

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
 import torch
 from torch import nn
 
@@ -84,9 +85,56 @@ def kaiming_init(model: nn.Module) -> None:
                 nn.init.zeros_(layer.bias)
 
 
-def build_model(p: TrainParams) -> nn.Module:
+class ModelTooLargeError(StageError):
+    """The network the params describe cannot be held in memory."""
+
+
+def parameter_count(p: TrainParams) -> int:
+    """How many parameters `build_model(p)` has, counted from the params, with nothing allocated."""
+    count, width = 0, IMAGE_SIZE
+    if p.model == "cnn":
+        channels, side = 1, IMAGE_SIDE
+        for out in p.conv_channels:
+            # A bias-free 3x3 conv, and BatchNorm's scale and shift (its running stats are
+            # buffers, not parameters).
+            count += channels * out * 3 * 3 + 2 * out
+            channels, side = out, side // 2
+        width = channels * side * side
+    for hidden in [*p.hidden_sizes, NUM_CLASSES]:
+        count += width * hidden + hidden
+        width = hidden
+    return count
+
+
+# Training holds each float32 parameter four times over: the weight, its gradient and up to two
+# optimizer moments (Adam's). Loading saved weights holds two: the file's and the network's.
+TRAINING_COPIES, LOADING_COPIES = 4, 2
+
+
+def require_model_fits(p: TrainParams, copies: int = TRAINING_COPIES) -> None:
+    """Raises ModelTooLargeError, naming the sizes, unless `copies` float32 copies of the
+    parameters of `build_model(p)` fit in the memory available now."""
+    count = parameter_count(p)
+    needed = count * 4 * copies
+    available = psutil.virtual_memory().available
+    if needed <= available:
+        return
+    keys = f"train.hidden_sizes = {p.hidden_sizes}"
+    if p.model == "cnn":
+        keys += f", train.conv_channels = {p.conv_channels}"
+    held = "weights, gradients, optimizer state" if copies == TRAINING_COPIES else "weights"
+    raise ModelTooLargeError(
+        f"{keys}: a network of {count:,} parameters needs about {needed / 2**30:,.1f} GiB "
+        f"({held}), and {available / 2**30:,.1f} GiB of memory is available; "
+        "expected smaller sizes"
+    )
+
+
+def build_model(p: TrainParams, copies: int = TRAINING_COPIES) -> nn.Module:
     """The network `train.model` names, shaped by `train.hidden_sizes` (and `conv_channels`),
-    its weights drawn as `train.init` says."""
+    its weights drawn as `train.init` says; refused before allocating unless `copies` of its
+    parameters fit in memory."""
+    require_model_fits(p, copies)
     model = (
         ConvNet(p.conv_channels, p.hidden_sizes)
         if p.model == "cnn"
@@ -156,7 +204,7 @@ def load_model(weights_path: Path, p: TrainParams, device: torch.device | str = 
         raise StageError(f"{weights_path}: missing; run the train stage first") from None
     except Exception as exc:
         raise StageError(f"{weights_path}: not a loadable state_dict ({exc})") from None
-    model = build_model(p)
+    model = build_model(p, LOADING_COPIES)
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError) as exc:

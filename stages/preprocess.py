@@ -16,6 +16,7 @@ if __name__ == "__main__":  # --help and a bad argument answer before torch and 
 import gzip
 import math
 import struct
+import zlib
 from pathlib import Path
 
 import torch
@@ -25,7 +26,15 @@ from prefect.cache_policies import NONE
 from stages.artifacts import atomic_dir, require_writable, write_json
 from stages.config import PROCESSED_DIR, RAW_DIR, Params
 from stages.errors import StageError
-from stages.fashion_mnist import IMAGE_SIDE, NUM_CLASSES, RAW_FILES, STATS_FILE, save_split
+from stages.fashion_mnist import (
+    IMAGE_SIDE,
+    NUM_CLASSES,
+    RAW_FILES,
+    STATS_FILE,
+    StatsError,
+    save_split,
+    stats_problem,
+)
 from stages.runtime import run_cli, stage_logger
 
 IDX_UBYTE = 0x08  # the IDX type code for unsigned bytes
@@ -35,45 +44,92 @@ class IdxFormatError(StageError):
     """A raw file is not the IDX file it should be."""
 
 
-def read_idx(path: Path, ndim: int) -> torch.Tensor:
-    """Reads a gzipped IDX file of unsigned bytes with `ndim` dimensions (magic 0x000008NN)."""
+# No FashionMNIST file holds more (60,000 train, 10,000 test): a larger count in a header is a
+# corrupt or hostile file, refused before anything is allocated or decompressed.
+MAX_ITEMS = 100_000
+
+
+def _read_exactly(handle: gzip.GzipFile, count: int) -> bytearray:
+    """Up to `count` bytes from the stream, fewer only at its end; never decompresses more."""
+    buffer = bytearray(count)
+    view, filled = memoryview(buffer), 0
+    while filled < count:
+        got = handle.readinto(view[filled:])
+        if not got:
+            break
+        filled += got
+    view.release()
+    del buffer[filled:]
+    return buffer
+
+
+def read_idx(
+    path: Path, ndim: int, item_shape: tuple[int, ...] | None = None, what: str = "items"
+) -> torch.Tensor:
+    """Reads a gzipped IDX file of unsigned bytes with `ndim` dimensions (magic 0x000008NN).
+
+    The header is read first and checked (at most MAX_ITEMS `what`, each of `item_shape` when
+    given); then exactly the bytes it announces and one more, to refuse trailing data. A gzip
+    bomb is never decompressed past the size a real file would have.
+    """
     try:
         with gzip.open(path, "rb") as handle:
-            data = handle.read()
+            return _parse_idx(handle, path, ndim, item_shape, what)
     except FileNotFoundError:
         raise IdxFormatError(f"{path}: missing; run the download stage first") from None
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise IdxFormatError(f"{path}: not a readable gzip file ({exc})") from None
+
+
+def _parse_idx(
+    handle: gzip.GzipFile,
+    path: Path,
+    ndim: int,
+    item_shape: tuple[int, ...] | None,
+    what: str,
+) -> torch.Tensor:
     expected_magic = (IDX_UBYTE << 8) | ndim
-    magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
+    head = _read_exactly(handle, 4)
+    magic = int.from_bytes(head, "big") if len(head) == 4 else None
     if magic != expected_magic:
         found = "none (file too short)" if magic is None else f"0x{magic:08x}"
         raise IdxFormatError(
             f"{path}: IDX magic number {found}, expected 0x{expected_magic:08x} "
             f"(unsigned bytes, {ndim} dimension(s))"
         )
-    header_end = 4 + 4 * ndim
-    if len(data) < header_end:
+    dims = _read_exactly(handle, 4 * ndim)
+    if len(dims) < 4 * ndim:
         raise IdxFormatError(f"{path}: truncated IDX header")
-    shape = struct.unpack(f">{ndim}I", data[4:header_end])
-    expected_bytes = math.prod(shape)
-    if len(data) - header_end != expected_bytes:
+    shape = struct.unpack(f">{ndim}I", dims)
+    if shape[0] > MAX_ITEMS:
         raise IdxFormatError(
-            f"{path}: header says shape {list(shape)} ({expected_bytes} bytes), "
-            f"file holds {len(data) - header_end} bytes of data"
+            f"{path}: header says {shape[0]} {what}, expected at most {MAX_ITEMS} "
+            "(FashionMNIST has 60000 train and 10000 test)"
         )
-    return torch.frombuffer(bytearray(data[header_end:]), dtype=torch.uint8).reshape(shape)
+    if item_shape is not None and tuple(shape[1:]) != item_shape:
+        raise IdxFormatError(
+            f"{path}: {what} are {list(shape[1:])}, expected {'x'.join(map(str, item_shape))}"
+        )
+    expected_bytes = math.prod(shape)
+    data = _read_exactly(handle, expected_bytes + 1)  # one byte more tells trailing data apart
+    if len(data) != expected_bytes:
+        held = (
+            f"{len(data)} bytes of data"
+            if len(data) < expected_bytes
+            else "more data than that (a corrupt file, or a gzip bomb)"
+        )
+        raise IdxFormatError(
+            f"{path}: header says shape {list(shape)} ({expected_bytes} bytes), file holds {held}"
+        )
+    if not data:  # frombuffer refuses an empty buffer
+        return torch.zeros(shape, dtype=torch.uint8)
+    return torch.frombuffer(data, dtype=torch.uint8).reshape(shape)
 
 
 def read_split(raw_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     images_file, labels_file = (Path(raw_dir) / name for name in RAW_FILES[split])
-    images = read_idx(images_file, ndim=3)
-    labels = read_idx(labels_file, ndim=1)
-    if tuple(images.shape[1:]) != (IMAGE_SIDE, IMAGE_SIDE):
-        raise IdxFormatError(
-            f"{images_file}: images are {list(images.shape[1:])}, "
-            f"expected {IMAGE_SIDE}x{IMAGE_SIDE}"
-        )
+    images = read_idx(images_file, ndim=3, item_shape=(IMAGE_SIDE, IMAGE_SIDE), what="images")
+    labels = read_idx(labels_file, ndim=1, what="labels")
     if labels.shape[0] != images.shape[0]:
         raise IdxFormatError(
             f"{labels_file}: {labels.shape[0]} labels for {images.shape[0]} images in {images_file}"
@@ -124,6 +180,14 @@ def preprocess(
     else:
         mean, std = params.preprocess.mean, params.preprocess.std
         source = "params.yaml"
+    problem = stats_problem(mean, std)
+    if problem is not None:  # never written: train would divide by it
+        if source == "params.yaml":
+            raise StatsError(f"preprocess.{problem}")
+        raise StatsError(
+            f"{Path(raw_dir) / RAW_FILES['train'][0]}: the train split's pixel {problem}; "
+            "are the images blank? (or set preprocess.mean and preprocess.std in params.yaml)"
+        )
     with atomic_dir(Path(processed_dir)) as staging:
         for split, (images, labels) in {"train": train, "val": val, "test": test}.items():
             save_split(images, labels, staging, split)

@@ -21,6 +21,7 @@ from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary
 
 from stages.config import load_params
 from stages.errors import StageError
+from stages.signals import StageStopped, stop_on_signals
 
 
 def stage_logger(stage: str) -> logging.Logger | logging.LoggerAdapter:
@@ -66,8 +67,11 @@ def run_cli(stage_task: Any, args: argparse.Namespace) -> int:
     """Validates the params file, runs the stage; returns the exit code.
 
     `args` comes from `stages.cli.parse_args`, which each stage calls before its heavy imports.
+    SIGTERM and SIGINT stop the stage within a batch or so, replacing no out (train keeps its
+    last checkpoint, so the next run resumes), with exit code 128 + the signal number.
     """
     name = stage_task.name
+    stop_on_signals()
     # Prefect's import already gave the root logger its console handler; else add a plain one.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("stages").setLevel(logging.INFO)
@@ -93,4 +97,11 @@ def run_cli(stage_task: Any, args: argparse.Namespace) -> int:
     except StageError as exc:
         print(f"error: {name}: {exc}", file=sys.stderr)
         return 1
+    except StageStopped as stop:
+        print(
+            f"error: {name}: stopped by {stop}; no out was replaced "
+            "(train keeps its last checkpoint: the next run resumes from it)",
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
     return 0

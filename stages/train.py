@@ -340,7 +340,8 @@ def train(
     configure_determinism(hp.deterministic, logger)
     device = resolve_device(params.device, logger)
     num_threads = configure_threads(hp.num_threads, logger)
-    require_writable(weights_path, live_dir, checkpoint_path)
+    require_writable(weights_path, checkpoint_path, files=True)  # a folder there is refused
+    require_writable(live_dir)
     order_generator = seed_everything(params.seed)
     augment = make_augment(hp, params.seed)
     train_loader, val_loader = make_loaders(processed_dir, params, device, order_generator, augment)

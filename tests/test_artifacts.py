@@ -1,4 +1,5 @@
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,17 @@ def test_a_replaced_folder_keeps_the_gitignore_files_dvc_wrote_into_it(tmp_path:
     assert (dest / ".gitignore").read_text() == "/metrics.json\n"
     assert (dest / "plots" / ".gitignore").read_text() == "/metrics\n"
     assert (dest / "metrics.json").exists()
+
+
+def test_a_folder_where_a_file_out_belongs_is_named_before_any_work(tmp_path: Path) -> None:
+    from stages.artifacts import OutputError, atomic_path, require_writable
+
+    folder = tmp_path / "models" / "checkpoints" / "train.pt"
+    folder.mkdir(parents=True)
+    expected = rf"{re.escape(str(folder))}: is a folder, expected a file \(or nothing\) there"
+    require_writable(folder)  # a folder out may replace a folder
+    with pytest.raises(OutputError, match=expected):
+        require_writable(tmp_path / "w.pth", folder, files=True)
+    with pytest.raises(OutputError, match=expected), atomic_path(folder) as tmp:
+        tmp.write_text("never renamed onto the folder")
+    assert folder.is_dir() and [p.name for p in folder.parent.iterdir()] == ["train.pt"]

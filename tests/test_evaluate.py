@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -8,6 +9,8 @@ import torch
 from stages.config import Params
 from stages.errors import StageError
 from stages.evaluate import (
+    CURVES,
+    CurvesFormatError,
     confusion_matrix,
     evaluate,
     per_class_table,
@@ -87,5 +90,56 @@ def test_a_missing_input_found_late_changes_no_out(
     perturb_weights(trained["weights_path"])
     (trained["live_dir"] / "plots" / "metrics" / "val" / "loss.tsv").unlink()
     with pytest.raises(StageError, match=r"val/loss\.tsv: missing; run the train stage first"):
+        evaluate.fn(small_params, **trained, out_dir=evaluated)
+    assert snapshot(evaluated) == before
+
+
+def write_curves(live_dir: Path) -> None:
+    """The four curve files as dvclive writes them, two epochs each."""
+    for name in CURVES:
+        path = live_dir / "plots" / "metrics" / f"{name}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        column = name.split("/")[-1]
+        path.write_text(f"timestamp\tstep\t{column}\n1700000000\t1\t0.5\n1700000001\t2\t0.4\n")
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\xff\xfe garbage \x00\x81", "not a tab-separated table"),
+        (b"", "not a tab-separated table"),
+        (b'{"loss": [0.5, 0.4]}\n', r"no 'step' or 'loss' column"),
+        (b"timestamp\tstep\tvalue\n1\t1\t0.5\n", r"no 'loss' column"),
+        (b"timestamp\tstep\tloss\n", "no rows"),
+        (b"timestamp\tstep\tloss\n1\t1\t0.5\n2\t2\tlots\n", r"a 'loss' value that is not a finite"),
+        (b"timestamp\tstep\tloss\n1\tone\t0.5\n", r"a 'step' value that is not a finite"),
+        (b"timestamp\tstep\tloss\n1\t1\tnan\n", r"a 'loss' value that is not a finite"),
+    ],
+)
+def test_a_garbage_curve_file_is_named_with_what_to_rerun(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
+    write_curves(tmp_path)
+    path = tmp_path / "plots" / "metrics" / "val" / "loss.tsv"
+    path.write_bytes(content)
+    expected = rf"{re.escape(str(path))}: {problem}.*; rerun the train stage$"
+    with pytest.raises(CurvesFormatError, match=expected):
+        read_training_curves(tmp_path)
+
+
+def test_good_curve_files_are_read_as_numbers(tmp_path: Path) -> None:
+    write_curves(tmp_path)
+    curves = read_training_curves(tmp_path)
+    assert list(curves["val/accuracy"]["step"]) == [1, 2]
+    assert list(curves["val/accuracy"]["accuracy"]) == [0.5, 0.4]
+
+
+def test_a_garbage_curve_file_stops_evaluate_before_any_out_changes(
+    evaluated: Path, trained: dict[str, Path], small_params: Params
+) -> None:
+    before = snapshot(evaluated)
+    path = trained["live_dir"] / "plots" / "metrics" / "train" / "loss.tsv"
+    path.write_text("<html>not a curve</html>\n")
+    with pytest.raises(StageError, match=rf"{re.escape(str(path))}: .*rerun the train stage"):
         evaluate.fn(small_params, **trained, out_dir=evaluated)
     assert snapshot(evaluated) == before

@@ -1,4 +1,4 @@
-"""SIGKILL at random moments, resume, and two runners at once, with the real `dvc repro`.
+"""SIGKILL at random moments, SIGTERM, resume, and two runners at once, with the real `dvc repro`.
 
 Set KILL_SEED to replay a given sequence of kill moments.
 """
@@ -154,6 +154,33 @@ def test_train_killed_mid_epoch_resumes_to_the_same_weights(
     assert (killed / weights).read_bytes() == (unbroken / weights).read_bytes()
     assert (killed / "dvc.lock").read_bytes() == (unbroken / "dvc.lock").read_bytes()
     assert not (killed / CHECKPOINT).exists()
+
+
+def test_sigterm_to_dvc_repro_stops_its_stage_and_the_next_run_resumes(
+    pipeline: tuple[Path, str], tmp_path: Path
+) -> None:
+    """DVC does not pass a SIGTERM on to the stage it runs; the stage notices its parent die
+    (PR_SET_PDEATHSIG), stops without writing outs, and keeps its checkpoint."""
+    repo = clone_pipeline(pipeline[0], tmp_path / "repo")
+    edit_params(repo, train={"epochs": 3, "learning_rate": 0.06})
+    before = outs_by_stage(repo)["train"]
+    runner = Runner(repo, "train")
+    assert runner.wait_for("epoch 2/3"), runner.output  # epoch 1's checkpoint is saved by then
+    (stage,) = [
+        child
+        for child in psutil.Process(runner.process.pid).children(recursive=True)
+        if "stages.train" in " ".join(child.cmdline())
+    ]
+    runner.process.send_signal(signal.SIGTERM)  # to dvc alone, as a service manager would
+    runner.finish()
+    deadline = time.monotonic() + 10
+    while stage.is_running() and stage.status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, f"the stage outlived dvc repro:\n{runner.output}"
+        time.sleep(0.05)
+    assert outs_by_stage(repo)["train"] == before
+    assert (repo / CHECKPOINT).is_file()
+    resumed = dvc(repo, "repro", "train")
+    assert "resuming from models/checkpoints/train.pt: epoch " in resumed.stdout + resumed.stderr
 
 
 def test_sigkill_at_random_moments_in_every_stage_loses_nothing(

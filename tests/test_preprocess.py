@@ -1,4 +1,8 @@
+import gzip
 import json
+import re
+import struct
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -6,7 +10,7 @@ import torch
 
 from stages.config import Params
 from stages.dataset import FashionMNISTTensors, IndexBatchSampler, ShiftFlip, make_loader
-from stages.fashion_mnist import SplitFormatError, load_split
+from stages.fashion_mnist import SplitFormatError, StatsError, load_split
 from stages.preprocess import IdxFormatError, preprocess, read_idx
 
 from .helpers.data import RAW_NAMES, idx_bytes, make_split, write_gz
@@ -156,3 +160,98 @@ def test_shift_flip_moves_pixels_without_changing_labels(processed_dir: Path) ->
     assert not torch.equal(shifted, images)
     dataset = FashionMNISTTensors(images, labels, 0.3, 0.4, augment=flip_only)
     assert torch.equal(dataset.__getitems__(torch.arange(5))[1], labels[:5])
+
+
+def write_gzip_bomb(path: Path, header: bytes, zeros_mib: int) -> None:
+    """`header` and then `zeros_mib` MiB of zeros, gzipped: a few hundred KB on disk. Built from
+    one compressed member repeated (gzip readers join members into one stream), so it is quick."""
+    member = gzip.compress(bytes(8 << 20), compresslevel=9, mtime=0)
+    with open(path, "wb") as handle:
+        handle.write(gzip.compress(header, mtime=0))
+        for _ in range(zeros_mib // 8):
+            handle.write(member)
+
+
+def test_a_gzip_bomb_is_refused_after_reading_no_more_than_the_header_announces(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    write_gzip_bomb(path, struct.pack(">4I", 0x803, 4, 28, 28), zeros_mib=200)
+    assert path.stat().st_size < 2 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(
+            IdxFormatError,
+            match=rf"{re.escape(str(path))}: header says shape \[4, 28, 28\] \(3136 bytes\), "
+            r"file holds more data than that",
+        ):
+            read_idx(path, ndim=3)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20  # the 200 MiB were never decompressed into memory
+
+
+@pytest.mark.parametrize(
+    ("header", "ndim", "error"),
+    [
+        (struct.pack(">4I", 0x803, 4_000_000_000, 28, 28), 3, "header says 4000000000 images"),
+        (struct.pack(">4I", 0x803, 10, 60_000, 60_000), 3, r"images are \[60000, 60000\]"),
+        (
+            struct.pack(
+                ">2I",
+                0x801,
+                100_001,
+            ),
+            1,
+            "header says 100001 labels, expected at most",
+        ),
+    ],
+)
+def test_an_absurd_idx_header_is_refused_before_reading_the_data(
+    tmp_path: Path, header: bytes, ndim: int, error: str
+) -> None:
+    path = tmp_path / "raw.gz"
+    write_gzip_bomb(path, header, zeros_mib=64)
+    what = "images" if ndim == 3 else "labels"
+    item_shape = (28, 28) if ndim == 3 else None
+    tracemalloc.start()
+    try:
+        with pytest.raises(IdxFormatError, match=rf"{re.escape(str(path))}: {error}"):
+            read_idx(path, ndim=ndim, item_shape=item_shape, what=what)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
+def test_corrupt_deflate_data_is_named_not_a_traceback(tmp_path: Path) -> None:
+    images, _ = make_split(4, seed=0)
+    compressed = bytearray(gzip.compress(idx_bytes(images), mtime=0))
+    compressed[20:40] = bytes(range(20))  # damage the deflate stream after the gzip header
+    path = tmp_path / "damaged.gz"
+    path.write_bytes(bytes(compressed))
+    with pytest.raises(IdxFormatError, match=rf"{re.escape(str(path))}: not a readable gzip"):
+        read_idx(path, ndim=3)
+
+
+def test_blank_train_images_are_refused_before_stats_are_written(
+    raw_dir: Path, tmp_path: Path, small_params: Params
+) -> None:
+    images_file = raw_dir / RAW_NAMES["train"][0]
+    write_gz(images_file, idx_bytes(torch.full((120, 28, 28), 7)))
+    expected = rf"{re.escape(str(images_file))}: the train split's pixel std = 0.0: expected a"
+    with pytest.raises(StatsError, match=expected):
+        preprocess.fn(small_params, raw_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tiny_std_from_params_is_refused_naming_the_key(
+    raw_dir: Path, tmp_path: Path, small_params: Params
+) -> None:
+    section = small_params.preprocess.model_copy(update={"mean": 0.5, "std": 1e-45})
+    with pytest.raises(StatsError, match=r"^preprocess\.std = 1e-45: expected a number from 0.001"):
+        preprocess.fn(
+            small_params.model_copy(update={"preprocess": section}), raw_dir, tmp_path / "o"
+        )
+    assert not (tmp_path / "o").exists()

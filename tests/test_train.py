@@ -1,5 +1,6 @@
 import json
 import logging
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -7,11 +8,13 @@ import pytest
 import torch
 
 import stages.checkpoint
+import stages.model
 import stages.train
 from stages.artifacts import load_torch
 from stages.config import Params
 from stages.errors import StageError
-from stages.model import NeuralNetwork, build_model
+from stages.fashion_mnist import StatsError
+from stages.model import ModelTooLargeError, NeuralNetwork, build_model, parameter_count
 from stages.train import train
 
 from .test_artifacts import _Payload
@@ -329,3 +332,110 @@ def test_onecycle_cycles_sgd_momentum_from_the_param(momentum: float, low: float
         scheduler.step()
         seen.append(optimizer.param_groups[0]["momentum"])
     assert seen[0] == momentum and min(seen) == pytest.approx(low)
+
+
+@pytest.mark.parametrize("out", ["weights", "checkpoint"])
+def test_a_folder_at_the_checkpoint_or_weights_path_is_refused_before_training(
+    tmp_path: Path,
+    processed_dir: Path,
+    small_params: Params,
+    out: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    paths = {"weights": tmp_path / "w.pth", "checkpoint": tmp_path / "checkpoints" / "train.pt"}
+    paths[out].mkdir(parents=True)
+
+    def no_training(*args, **kwargs) -> None:
+        raise AssertionError("trained before refusing the folder")
+
+    monkeypatch.setattr(stages.train, "train_loop", no_training)
+    expected = rf"{re.escape(str(paths[out]))}: is a folder, expected a file \(or nothing\) there"
+    with pytest.raises(StageError, match=expected):
+        train.fn(
+            small_params, processed_dir, paths["weights"], tmp_path / "live", paths["checkpoint"]
+        )
+    assert not (tmp_path / "live").exists()
+
+
+@pytest.mark.parametrize(
+    ("stats", "error"),
+    [
+        ('{"mean": 0.28, "std": 1e-45, "source": "train split"}', r"std = 1e-45: expected a"),
+        ('{"mean": NaN, "std": 0.35, "source": "train split"}', "mean = nan: expected a number"),
+        ('{"mean": 0.28, "std": Infinity, "source": "train split"}', "std = inf: expected a"),
+        ('{"mean": 0.28, "std": -0.35, "source": "train split"}', r"std = -0.35: expected a"),
+        ('{"mean": 0.28, "std": 0.0, "source": "params.yaml"}', r"std = 0.0: expected a"),
+    ],
+)
+def test_unusable_normalisation_stats_are_named_before_training(
+    tmp_path: Path,
+    processed_dir: Path,
+    small_params: Params,
+    stats: str,
+    error: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = processed_dir / "stats.json"
+    path.write_text(stats)
+    monkeypatch.setattr(stages.train, "train_loop", lambda *a, **k: pytest.fail("it trained"))
+    where = (
+        "preprocess.mean and preprocess.std in params.yaml"
+        if "params.yaml" in stats
+        else "rerun the preprocess stage"
+    )
+    with pytest.raises(StatsError, match=rf"{re.escape(str(path))}: {error}.*{where}") as caught:
+        train.fn(small_params, processed_dir, tmp_path / "w.pth", tmp_path / "live")
+    assert "learning_rate" not in str(caught.value)
+    assert not (tmp_path / "w.pth").exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "hidden_sizes", "conv_channels"),
+    [
+        ("mlp", [512, 512], [32, 64]),
+        ("mlp", [7], [32, 64]),
+        ("mlp", [300, 100, 50], [32, 64]),
+        ("cnn", [512, 512], [32, 64]),
+        ("cnn", [16], [3]),
+        ("cnn", [20, 10], [4, 8, 16]),
+    ],
+)
+def test_parameter_count_is_computed_without_building(
+    model: str, hidden_sizes: list[int], conv_channels: list[int]
+) -> None:
+    p = Params().train.model_copy(
+        update={"model": model, "hidden_sizes": hidden_sizes, "conv_channels": conv_channels}
+    )
+    assert parameter_count(p) == sum(t.numel() for t in build_model(p).parameters())
+
+
+def test_a_network_too_large_for_memory_is_refused_before_allocating(
+    tmp_path: Path, processed_dir: Path, small_params: Params, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    huge = small_params.train.model_copy(update={"hidden_sizes": [100_000_000]})
+    with pytest.raises(
+        ModelTooLargeError,
+        match=r"^train\.hidden_sizes = \[100000000\]: a network of 79,500,000,010 parameters "
+        r"needs about 1,184\.6 GiB \(weights, gradients, optimizer state\), and [\d,.]+ GiB of "
+        "memory is available; expected smaller sizes$",
+    ):
+        build_model(huge)
+
+    # Sizes that would fit a large machine are refused on a small one, naming every size key.
+    free = type("Memory", (), {"available": 64 << 20})()
+    monkeypatch.setattr(stages.model.psutil, "virtual_memory", lambda: free)
+    cnn = small_params.train.model_copy(
+        update={"model": "cnn", "conv_channels": [32], "hidden_sizes": [2048, 2048]}
+    )
+    expected = (
+        r"train\.hidden_sizes = \[2048, 2048\], train\.conv_channels = \[32\]: a network of "
+        r"17,064,298 parameters needs about 0\.3 GiB .* and 0\.1 GiB of memory is available"
+    )
+    with pytest.raises(ModelTooLargeError, match=expected):
+        train.fn(
+            small_params.model_copy(update={"train": cnn}),
+            processed_dir,
+            tmp_path / "w.pth",
+            tmp_path / "live",
+        )
+    assert not (tmp_path / "w.pth").exists()
