@@ -169,7 +169,8 @@ def write_text(text: str, dest: Path) -> None:
 
 
 def json_text(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    # allow_nan=False: NaN and Infinity are not JSON, and no out of ours may claim one.
+    return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
 def write_json(obj: Any, dest: Path) -> None:

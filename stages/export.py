@@ -15,6 +15,7 @@ if __name__ == "__main__":  # --help and a bad argument answer before torch and 
     ARGS = parse_args("export", __doc__)
 
 import json
+import math
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -78,13 +79,15 @@ def read_metrics(path: Path) -> dict[str, float]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise StageError(f"{path}: not valid JSON ({exc}); rerun the evaluate stage") from None
     numbers = isinstance(metrics, dict) and all(
-        isinstance(metrics.get(key), int | float) and not isinstance(metrics[key], bool)
+        isinstance(metrics.get(key), int | float)
+        and not isinstance(metrics[key], bool)
+        and math.isfinite(metrics[key])  # JSON readers take NaN; the card must stay valid JSON
         for key in METRIC_KEYS
     )
     if not numbers:
         raise StageError(
-            f"{path}: expected an object with the numbers {', '.join(sorted(METRIC_KEYS))}; "
-            "rerun the evaluate stage"
+            f"{path}: expected an object with the finite numbers "
+            f"{', '.join(sorted(METRIC_KEYS))}; rerun the evaluate stage"
         )
     return metrics
 

@@ -163,3 +163,12 @@ def test_a_folder_where_a_file_out_belongs_is_named_before_any_work(tmp_path: Pa
     with pytest.raises(OutputError, match=expected), atomic_path(folder) as tmp:
         tmp.write_text("never renamed onto the folder")
     assert folder.is_dir() and [p.name for p in folder.parent.iterdir()] == ["train.pt"]
+
+
+def test_json_outs_refuse_nan_and_infinity() -> None:
+    from stages.artifacts import json_text
+
+    assert json_text({"accuracy": 0.9}) == '{\n  "accuracy": 0.9\n}\n'
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="not JSON compliant"):
+            json_text({"accuracy": value})

@@ -73,8 +73,11 @@ def test_a_cnn_trains_evaluates_and_exports_with_a_card_that_rebuilds_it(
     ("metrics", "error"),
     [
         ('{"accuracy": 0.9', r"metrics\.json: not valid JSON"),
-        ('{"accuracy": 0.9}', r"metrics\.json: expected an object with the numbers accuracy"),
+        ('{"accuracy": 0.9}', r"metrics\.json: expected an object with the finite numbers acc"),
         ('{"accuracy": "x", "loss": 1, "macro_f1": 1}', r"metrics\.json: expected an object"),
+        # Python's json reads NaN and Infinity; the model card must not repeat them.
+        ('{"accuracy": NaN, "loss": 1, "macro_f1": 1}', r"metrics\.json: expected an object"),
+        ('{"accuracy": 0.9, "loss": -Infinity, "macro_f1": 1}', r"metrics\.json: expected an"),
     ],
 )
 def test_bad_metrics_stop_export_before_any_out_changes(
