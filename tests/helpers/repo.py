@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -48,6 +49,25 @@ def edit_params(repo: Path, **sections: dict) -> None:
 
 
 def clone_pipeline(source: Path, dest: Path) -> Path:
-    """A copy of a reproduced repo, DVC cache included, without DVC's locks and state."""
-    shutil.copytree(source, dest, symlinks=True, ignore=shutil.ignore_patterns("tmp"))
+    """A copy of a reproduced repo, DVC cache included, without DVC's locks and state.
+
+    DVC's cache objects are hard-linked, not copied: DVC never writes one in place (a new object
+    is a new file), so the copies stay independent and the suite's disk use stays small. A test
+    that damages a cache object must replace the file, not write into it.
+    """
+    cache = source / ".dvc" / "cache"
+
+    def link_cache_objects(src: str, dst: str) -> None:
+        if Path(src).is_relative_to(cache):
+            os.link(src, dst)
+        else:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(
+        source,
+        dest,
+        symlinks=True,
+        ignore=shutil.ignore_patterns("tmp"),
+        copy_function=link_cache_objects,
+    )
     return dest
