@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: setup pipeline test server lint clean
+.PHONY: setup pipeline test verify server lint clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ pipeline: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Rehashes every out and cache object and compares them with dvc.lock and the model card:
+# `dvc status` trusts mtimes, so it misses a cache object corrupted with its mtime kept.
+verify: setup
+	$(BIN)/python -m stages.verify
 
 # The Prefect server and UI on 127.0.0.1:$(PORT) (`make server PORT=4300`). The UI's browser code
 # calls the API at PREFECT_UI_API_URL, which defaults to port 4200: without it, another port shows

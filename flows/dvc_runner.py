@@ -41,6 +41,7 @@ from prefect.states import Completed, State
 
 from stages.config import PARAMS_FILE, load_params
 from stages.errors import StageError
+from stages.inputs import watching_inputs
 
 STAGE_COMMAND = re.compile(r"^python3? -m stages\.(\w+)$")
 NO_DEVICE = "none: no stage ran in process"
@@ -111,7 +112,7 @@ def call_task(stage: Stage, stage_fn: Task, record: RunRecord) -> None:
     previous_root = os.environ.get("DVC_ROOT")
     os.environ["DVC_ROOT"] = root
     try:
-        with chdir(stage.wdir):
+        with chdir(stage.wdir), watching_inputs(stage_fn.name, params, Path(root) / PARAMS_FILE):
             stage_fn(params)
     finally:
         if previous_root is None:

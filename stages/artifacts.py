@@ -20,6 +20,7 @@ import psutil
 import torch
 
 from stages.errors import StageError
+from stages.inputs import before_replacing
 from stages.signals import deferred
 
 
@@ -116,6 +117,7 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     tmp = _new_temp(dest, folder=True)
     try:
         yield tmp
+        before_replacing(dest)
         _keep_git_ignores(dest, tmp)
         for child in tmp.rglob("*"):
             if child.is_file():
@@ -149,6 +151,8 @@ def atomic_paths(*dests: Path) -> Iterator[list[Path]]:
         for tmp in temps:
             _fsync(tmp)
             os.chmod(tmp, 0o644)
+        for dest in dests:
+            before_replacing(dest)
         for tmp, dest in zip(temps, dests, strict=True):
             os.replace(tmp, dest)
     finally:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.artifacts import file_digest, load_torch, save_torch, source_digest
+from stages.artifacts import load_torch, save_torch, source_digest
 from stages.config import Params
 
 CHECKPOINT_FORMAT = 1
@@ -41,9 +41,10 @@ NOT_FINGERPRINTED = {"checkpoint_every_steps"}
 
 
 def fingerprints(
-    params: Params, device: torch.device, num_threads: int, processed_dir: Path
+    params: Params, device: torch.device, num_threads: int, data_digests: dict[str, str]
 ) -> dict[str, str]:
-    """What a checkpoint must match to be resumed: the params, the data and the code."""
+    """What a checkpoint must match to be resumed: the params, the data (the sha256 of each
+    processed file training reads) and the code."""
     return {
         "params": _sha256_json(
             {
@@ -52,7 +53,7 @@ def fingerprints(
                 "evaluate": params.evaluate.model_dump(),
             }
         ),
-        "data": data_fingerprint(processed_dir),
+        "data": _sha256_json(data_digests),
         # The thread count changes how CPU kernels split their sums, so it is part of the run.
         "code": _sha256_json(
             {
@@ -67,15 +68,6 @@ def fingerprints(
 
 def _sha256_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
-def data_fingerprint(processed_dir: Path) -> str:
-    """sha256 over the processed files that training reads."""
-    digests = [
-        file_digest(Path(processed_dir) / name, "sha256")
-        for name in ("train.pt", "val.pt", "stats.json")
-    ]
-    return hashlib.sha256(" ".join(digests).encode()).hexdigest()
 
 
 def capture_rng(

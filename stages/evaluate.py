@@ -24,13 +24,21 @@ from matplotlib.figure import Figure
 from prefect import task
 from prefect.cache_policies import NONE
 
-from stages.artifacts import atomic_paths, json_text, require_writable
+from stages.artifacts import atomic_paths, file_digest, json_text, require_writable
 from stages.config import EVAL_DIR, LIVE_DIR, PROCESSED_DIR, TRAINED_WEIGHTS, Params
 from stages.dataset import load_dataset, make_loader
 from stages.device import resolve_device
 from stages.errors import StageError
 from stages.fashion_mnist import CLASSES, NUM_CLASSES
 from stages.model import load_model, test_loop
+from stages.records import (
+    RECORD_FILE,
+    make_record,
+    read_record,
+    recorded_outputs,
+    require_output,
+    trained_with,
+)
 from stages.runtime import run_cli, stage_logger
 
 # What this stage writes into reports/evaluate/ (dvc.yaml lists the same files).
@@ -40,6 +48,7 @@ OUT_FILES = (
     "confusion.csv",
     "confusion_matrix.png",
     "training_curves.png",
+    RECORD_FILE,
 )
 
 
@@ -183,8 +192,19 @@ def evaluate(
     log = stage_logger("evaluate")
     require_writable(*(Path(out_dir) / name for name in OUT_FILES), files=True)
     device = resolve_device(params.device, log)
+    # The weights and test split must be the files their stages recorded; the network's shape
+    # comes from the train record, not from params.yaml as it may be now.
+    train_record_path = Path(weights_path).with_name(RECORD_FILE)
+    train_record = read_record(train_record_path, "train")
+    trained = trained_with(train_record, train_record_path)
+    used = {
+        Path(weights_path).name: require_output(train_record, train_record_path, weights_path),
+        **recorded_outputs(
+            Path(processed_dir) / RECORD_FILE, "preprocess", Path(processed_dir) / "test.pt"
+        ),
+    }
     test_data = load_dataset(processed_dir, "test", device)
-    model = load_model(weights_path, params.train, device)
+    model = load_model(weights_path, trained, device)
     curves = read_training_curves(live_dir)
     loss, predictions = test_loop(
         make_loader(test_data, params.evaluate.batch_size, shuffle=False), model
@@ -210,9 +230,13 @@ def evaluate(
         outs["confusion.csv"].write_text(pairs.to_csv(index=False))
         plot_confusion(counts, metrics["accuracy"], outs["confusion_matrix.png"])
         save_figure(
-            training_curves_figure(curves, params.train.label_smoothing),
+            training_curves_figure(curves, trained.label_smoothing),
             outs["training_curves.png"],
         )
+        made = {name: file_digest(outs[name], "sha256") for name in OUT_FILES[:-1]}
+        asked = {"device": params.device, "evaluate": params.evaluate.model_dump(mode="json")}
+        record = make_record("evaluate", asked, used, made, ran_on={"device": str(device)})
+        outs[RECORD_FILE].write_text(json_text(record))
     log.info(
         "test accuracy %.4f, loss %.4f, macro F1 %.4f",
         metrics["accuracy"],

@@ -2,9 +2,11 @@
 
 Publishes the trained model: models/model_weights.pth (the state_dict, CPU tensors, checked to
 load with torch.load(weights_only=True) into a fresh model with strict=True),
-models/model.safetensors, and a model card in
-models/model_card.json and models/model_card.md with the params, the test metrics, the input
-normalisation, the raw data checksums and the code version.
+models/model.safetensors, and a model card in models/model_card.json and models/model_card.md.
+The card is built from the records of the stages that made the weights (models/train/record.json,
+which holds preprocess's) and scored them (reports/evaluate/record.json): the params, input
+normalisation, raw data sha256 and code digest that made them, and their test metrics. The
+weights and metrics are checked against those records first.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import torch
 from prefect import task
 from prefect.cache_policies import NONE
 from safetensors.torch import save_file
@@ -30,44 +31,23 @@ from stages.artifacts import (
     file_digest,
     json_text,
     require_writable,
-    source_digest,
     torch_save,
 )
 from stages.config import (
     EVAL_DIR,
     EXPORT_DIR,
-    PROCESSED_DIR,
-    RAW_DIR,
     TRAINED_WEIGHTS,
     Params,
 )
 from stages.errors import StageError
-from stages.fashion_mnist import CLASSES, load_stats
+from stages.fashion_mnist import CLASSES
 from stages.model import architecture, describe, load_model
+from stages.records import RECORD_FILE, RecordError, read_record, require_output, trained_with
 from stages.runtime import run_cli, stage_logger
 
-CARD_PARAMS = {"seed", "device", "preprocess", "train", "export"}
 # What this stage writes into models/ (dvc.yaml lists the same files).
 OUT_FILES = ("model_weights.pth", "model.safetensors", "model_card.json", "model_card.md")
 METRIC_KEYS = {"accuracy", "loss", "macro_f1"}
-
-
-def code_version() -> dict[str, str]:
-    """The package version and a hash of the stage code that ran.
-
-    Not the git commit: the card is a DVC out, and a commit recorded in it would change the
-    card's hash with every commit, so a rerun on the same code would never match dvc.lock.
-    """
-    return {"package_version": version("fashion-mnist-pipeline"), "stages_sha256": source_digest()}
-
-
-def data_checksums(raw_dir: Path) -> dict[str, dict[str, str]]:
-    files = sorted(Path(raw_dir).glob("*.gz"))
-    if not files:
-        raise StageError(f"{raw_dir}: no raw files; run the download stage first")
-    return {
-        f.name: {"md5": file_digest(f, "md5"), "sha256": file_digest(f, "sha256")} for f in files
-    }
 
 
 def read_metrics(path: Path) -> dict[str, float]:
@@ -95,7 +75,7 @@ def read_metrics(path: Path) -> dict[str, float]:
 def render_card(card: dict[str, Any]) -> str:
     metrics = card["metrics"]
     norm = card["input"]["normalize"]
-    rows = "\n".join(f"| {name} | `{sums['md5']}` |" for name, sums in card["data"].items())
+    rows = "\n".join(f"| {name} | `{sha256}` |" for name, sha256 in card["data"].items())
     return f"""# {card["model_name"]}
 
 {card["architecture"]}, trained on FashionMNIST (10 classes: {", ".join(CLASSES)}).
@@ -118,33 +98,69 @@ model.load_state_dict(torch.load("models/model_weights.pth", weights_only=True),
 model.eval()
 ```
 
-| raw file | md5 |
+| raw file | sha256 |
 |---|---|
 {rows}
 
-Code: fashion-mnist-pipeline {card["code"]["package_version"]}, stages sha256
-`{card["code"]["stages_sha256"]}`.
+Trained by the stage code with sha256 `{card["code"]["stages_sha256"]}` on
+`{card["trained_on"]["device"]}`; exported by fashion-mnist-pipeline
+{card["code"]["package_version"]}.
 torch {card["torch_version"]}. Full params: `model_card.json`.
 """
+
+
+def card_params(train_record: dict[str, Any], params: Params) -> dict[str, Any]:
+    """The params that made the weights (from the records), and export's own."""
+    trained = train_record["params"]
+    return {
+        "seed": trained["seed"],
+        "device": trained["device"],
+        "preprocess": train_record["preprocess"]["params"]["preprocess"],
+        "train": trained["train"],
+        "export": params.export.model_dump(mode="json"),
+    }
+
+
+def scored_metrics(eval_dir: Path, weights_name: str, weights_sha256: str) -> dict[str, float]:
+    """evaluate's metrics, checked to be of these weights and as evaluate wrote them."""
+    record_path = Path(eval_dir) / RECORD_FILE
+    record = read_record(record_path, "evaluate")
+    metrics_path = Path(eval_dir) / "metrics.json"
+    metrics = read_metrics(metrics_path)
+    if record["inputs"].get(weights_name) != weights_sha256:
+        scored = str(record["inputs"].get(weights_name))
+        raise RecordError(
+            f"{metrics_path}: scores other weights (sha256 {scored[:12]}…, per {record_path}) "
+            f"than {weights_name} ({weights_sha256[:12]}…); rerun the evaluate stage "
+            "(dvc repro -s evaluate)"
+        )
+    require_output(record, record_path, metrics_path)
+    return metrics
 
 
 @task(name="export", cache_policy=NONE, persist_result=False)
 def export(
     params: Params,
     weights_path: Path = TRAINED_WEIGHTS,
-    processed_dir: Path = PROCESSED_DIR,
-    raw_dir: Path = RAW_DIR,
     eval_dir: Path = EVAL_DIR,
     out_dir: Path = EXPORT_DIR,
 ) -> dict[str, Any]:
     log = stage_logger("export")
     require_writable(*(Path(out_dir) / name for name in OUT_FILES), files=True)
-    p = params.train
     # Every input is read before any out is touched: a missing one leaves the old outs in place.
+    # The card describes what made the weights (train's record), not params.yaml as it is now.
+    record_path = Path(weights_path).with_name(RECORD_FILE)
+    record = read_record(record_path, "train")
+    weights_sha256 = require_output(record, record_path, weights_path)
+    p = trained_with(record, record_path)
+    if p != params.train:
+        log.warning(
+            "params.yaml's train section differs from the one %s was trained with; the card "
+            "describes the weights (run `dvc repro` to train with the new params)",
+            weights_path,
+        )
     model = load_model(weights_path, p)
-    metrics = read_metrics(Path(eval_dir) / "metrics.json")
-    mean, std = load_stats(processed_dir)
-    data = data_checksums(raw_dir)
+    metrics = scored_metrics(eval_dir, Path(weights_path).name, weights_sha256)
 
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     with atomic_paths(*(Path(out_dir) / name for name in OUT_FILES)) as staged:
@@ -159,17 +175,17 @@ def export(
             "constructor": describe(p),
             "hidden_sizes": p.hidden_sizes,
             "classes": list(CLASSES),
-            "input": {
-                "shape": [1, 28, 28],
-                "dtype": "float32",
-                "normalize": {"mean": mean, "std": std},
-            },
+            "input": {"shape": [1, 28, 28], "dtype": "float32", "normalize": record["normalize"]},
             "metrics": metrics,
-            # The params that decide the weights; dvc.yaml tracks exactly these for this stage.
-            "params": params.model_dump(mode="json", include=CARD_PARAMS),
-            "data": data,
-            "code": code_version(),
-            "torch_version": torch.__version__.split("+")[0],
+            "params": card_params(record, params),
+            "data": record["preprocess"]["inputs"],
+            "code": {
+                "package_version": version("fashion-mnist-pipeline"),
+                "stages_sha256": record["code"]["stages_sha256"],
+            },
+            "torch_version": record["code"]["torch"].split("+")[0],
+            "trained_on": record["ran_on"],
+            "trained_weights_sha256": weights_sha256,
             "files": files,
         }
         outs["model_card.json"].write_text(json_text(card))

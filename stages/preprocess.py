@@ -3,7 +3,8 @@
 Parses the raw IDX files in data/raw/ (checking magic numbers, shapes and labels), carves a
 validation split off train with the seed, and writes each split as one tensor file to
 data/processed/{train,val,test}.pt (uint8 images [N,28,28], int64 labels [N]), plus
-data/processed/stats.json with the normalisation mean and std (from the train split, or params).
+data/processed/stats.json with the normalisation mean and std (from the train split, or params),
+and data/processed/record.json: the params it used and the sha256 of what it read and wrote.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from stages.fashion_mnist import (
     save_split,
     stats_problem,
 )
+from stages.records import RECORD_FILE, digests, make_record
 from stages.runtime import run_cli, stage_logger
 
 IDX_UBYTE = 0x08  # the IDX type code for unsigned bytes
@@ -193,6 +195,12 @@ def preprocess(
             save_split(images, labels, staging, split)
             log.info("%s: %d images", split, labels.shape[0])
         write_json({"mean": mean, "std": std, "source": source}, Path(staging) / STATS_FILE)
+        raw = [Path(raw_dir) / name for names in RAW_FILES.values() for name in names]
+        used = {"seed": params.seed, "preprocess": params.preprocess.model_dump(mode="json")}
+        made = digests(*(p for p in sorted(Path(staging).iterdir()) if p.name != RECORD_FILE))
+        write_json(
+            make_record("preprocess", used, digests(*raw), made), Path(staging) / RECORD_FILE
+        )
     log.info("normalisation from %s: mean %.4f, std %.4f", source, mean, std)
     return {"mean": mean, "std": std}
 

@@ -4,8 +4,9 @@ Trains the tutorial's NeuralNetwork (or, with train.model: cnn, a small CNN) on
 data/processed/train.pt, normalised with data/processed/stats.json, checking accuracy on
 data/processed/val.pt after each epoch (in batches of evaluate.batch_size). The network and its
 initial weights, the optimizer, schedule, batch size, epochs, loss settings, augmentation, seed
-and device come from params.yaml (the train section). Writes the
-state_dict to models/train/model_weights.pth and the per-epoch curves with dvclive to
+and device come from params.yaml (the train section). Writes the state_dict to
+models/train/model_weights.pth, with models/train/record.json beside it (the params, data
+sha256, code digest and device it was made with), and the per-epoch curves with dvclive to
 reports/train/, one row per epoch numbered from 1: train/loss (the training objective, label
 smoothing included, averaged over the epoch's batches), val/loss_train_objective (the same
 objective on the validation split after the epoch), val/loss (plain cross-entropy) and
@@ -37,7 +38,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from stages.artifacts import atomic_dir, atomic_path, require_writable, torch_save
+from stages.artifacts import (
+    atomic_dir,
+    atomic_paths,
+    file_digest,
+    json_text,
+    require_writable,
+    source_digest,
+    torch_save,
+)
 from stages.checkpoint import (
     fingerprints,
     load_checkpoint,
@@ -45,11 +54,20 @@ from stages.checkpoint import (
     save_checkpoint,
     training_state,
 )
-from stages.config import CHECKPOINT, LIVE_DIR, PROCESSED_DIR, TRAINED_WEIGHTS, Params, TrainParams
+from stages.config import (
+    CHECKPOINT,
+    LIVE_DIR,
+    PROCESSED_DIR,
+    TRAINED_WEIGHTS,
+    Params,
+    TrainParams,
+)
 from stages.dataset import IndexBatchSampler, ShiftFlip, load_dataset, make_loader
 from stages.device import Logger, configure_determinism, configure_threads, resolve_device
 from stages.errors import StageError
+from stages.fashion_mnist import STATS_FILE, load_stats
 from stages.model import accuracy, build_model, test_losses
+from stages.records import RECORD_FILE, make_record, read_record, recorded_outputs
 from stages.runtime import run_cli, stage_logger
 
 
@@ -327,6 +345,40 @@ def make_loaders(
     )
 
 
+def processed_inputs(processed_dir: Path) -> dict[str, str]:
+    """sha256 of each processed file training reads, checked against preprocess's record."""
+    files = [Path(processed_dir) / name for name in ("train.pt", "val.pt", STATS_FILE)]
+    return recorded_outputs(Path(processed_dir) / RECORD_FILE, "preprocess", *files)
+
+
+def train_record(
+    params: Params,
+    processed_dir: Path,
+    data_digests: dict[str, str],
+    made: dict[str, str],
+    device: torch.device,
+    num_threads: int,
+) -> dict[str, Any]:
+    """What these weights were made from: evaluate and export read it, not params.yaml."""
+    mean, std = load_stats(processed_dir)
+    used = {
+        "seed": params.seed,
+        "device": params.device,
+        "train": params.train.model_dump(mode="json"),
+        "evaluate": params.evaluate.model_dump(mode="json"),
+    }
+    return make_record(
+        "train",
+        used,
+        data_digests,
+        made,
+        preprocess=read_record(Path(processed_dir) / RECORD_FILE, "preprocess"),
+        normalize={"mean": mean, "std": std},
+        code={"stages_sha256": source_digest(), "torch": torch.__version__},
+        ran_on={"device": str(device), "threads": num_threads},
+    )
+
+
 @task(name="train", cache_policy=NONE, persist_result=False)
 def train(
     params: Params,
@@ -340,7 +392,8 @@ def train(
     configure_determinism(hp.deterministic, logger)
     device = resolve_device(params.device, logger)
     num_threads = configure_threads(hp.num_threads, logger)
-    require_writable(weights_path, checkpoint_path, files=True)  # a folder there is refused
+    record_path = Path(weights_path).with_name(RECORD_FILE)
+    require_writable(weights_path, record_path, checkpoint_path, files=True)  # folders refused
     require_writable(live_dir)
     order_generator = seed_everything(params.seed)
     augment = make_augment(hp, params.seed)
@@ -354,7 +407,8 @@ def train(
     optimizer = make_optimizer(model, hp)
     scheduler = make_scheduler(optimizer, hp, steps_per_epoch)
     generators = {"order": order_generator, "augment": augment.generator if augment else None}
-    run_fingerprints = fingerprints(params, device, num_threads, processed_dir)
+    data_digests = processed_inputs(processed_dir)
+    run_fingerprints = fingerprints(params, device, num_threads, data_digests)
     checkpoints = Checkpoints(
         checkpoint_path, run_fingerprints, model, optimizer, scheduler, generators, device
     )
@@ -371,9 +425,9 @@ def train(
         hp.optimizer,
         hp.learning_rate,
     )
-    # The weights and the curves are replaced together, once training has finished.
+    # The weights, their record and the curves are replaced together, once training has finished.
     with (
-        atomic_path(weights_path) as weights_staging,
+        atomic_paths(weights_path, record_path) as (weights_staging, record_staging),
         atomic_dir(live_dir) as live_staging,
         open_live(live_staging) as live,
         tqdm(total=hp.epochs, initial=progress.epoch - 1, desc="train", unit="epoch") as bar,
@@ -398,6 +452,9 @@ def train(
             progress.finish_epoch(metrics, next_order=order_generator.get_state())
             checkpoints.save(progress)
         torch_save(cpu_state_dict(model), weights_staging)
+        made = {Path(weights_path).name: file_digest(weights_staging, "sha256")}
+        record = train_record(params, processed_dir, data_digests, made, device, num_threads)
+        record_staging.write_text(json_text(record))
     Path(checkpoint_path).unlink(missing_ok=True)
     logger.info("wrote %s", weights_path)
     return progress.history[-1]

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -17,8 +18,9 @@ from stages.evaluate import (
     read_training_curves,
     training_curves_figure,
 )
+from stages.records import RecordError
 
-from .helpers.data import perturb_weights
+from .helpers.data import perturb_weights, restamp_record
 
 
 @pytest.fixture
@@ -69,14 +71,39 @@ def test_per_class_scores_from_a_known_confusion_matrix() -> None:
     assert table.loc[5, "support"] == 0
 
 
-def test_weights_of_another_shape_are_refused(
+def test_the_network_shape_comes_from_the_train_record_not_params(
     tmp_path: Path, trained: dict[str, Path], small_params: Params
 ) -> None:
-    other = small_params.model_copy(
+    edited = small_params.model_copy(
         update={"train": small_params.train.model_copy(update={"hidden_sizes": [64]})}
     )
+    evaluate.fn(edited, **trained, out_dir=tmp_path / "out")  # params.yaml edited since train
+    record_path = trained["weights_path"].with_name("record.json")
+    record = json.loads(record_path.read_text())
+    record["params"]["train"]["hidden_sizes"] = [64]
+    record_path.write_text(json.dumps(record))
     with pytest.raises(StageError, match=r"does not fit NeuralNetwork\(hidden_sizes=\[64\]\)"):
-        evaluate.fn(other, **trained, out_dir=tmp_path / "out")
+        evaluate.fn(small_params, **trained, out_dir=tmp_path / "out")
+
+
+def test_weights_changed_after_training_are_refused(
+    evaluated: Path, trained: dict[str, Path], small_params: Params
+) -> None:
+    before = snapshot(evaluated)
+    perturb_weights(trained["weights_path"])
+    with pytest.raises(RecordError, match=r"model_weights\.pth: sha256 .* the train stage wrote"):
+        evaluate.fn(small_params, **trained, out_dir=evaluated)
+    assert snapshot(evaluated) == before
+
+
+def test_the_evaluate_record_names_the_weights_it_scored(
+    evaluated: Path, trained: dict[str, Path]
+) -> None:
+    record = json.loads((evaluated / "record.json").read_text())
+    weights = hashlib.sha256(trained["weights_path"].read_bytes()).hexdigest()
+    assert record["inputs"]["model_weights.pth"] == weights
+    metrics = hashlib.sha256((evaluated / "metrics.json").read_bytes()).hexdigest()
+    assert record["outputs"]["metrics.json"] == metrics
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -88,6 +115,7 @@ def test_a_missing_input_found_late_changes_no_out(
 ) -> None:
     before = snapshot(evaluated)
     perturb_weights(trained["weights_path"])
+    restamp_record(trained["weights_path"].parent)  # as if train had written these weights
     (trained["live_dir"] / "plots" / "metrics" / "val" / "loss.tsv").unlink()
     with pytest.raises(StageError, match=r"val/loss\.tsv: missing; run the train stage first"):
         evaluate.fn(small_params, **trained, out_dir=evaluated)

@@ -10,7 +10,6 @@ import random
 import re
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import yaml
 from stages.artifacts import file_digest
 
 from .helpers.repo import SMALL, clone_pipeline, copy_repo, edit_params
+from .helpers.runner import Runner
 from .helpers.tools import dvc, run, stages_run, tool_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -33,82 +33,6 @@ WORK_S = {"download": 1.0, "preprocess": 2.0, "train": 4.0, "evaluate": 2.0, "ex
 CHECKPOINT = Path("models/checkpoints/train.pt")
 FIRST_RUN_KILLS = {"train": 2}  # twice for train: a resume of a resumed run
 LEFTOVER = re.compile(r"^\.[\w.-]+\.\d+\.\w+\.tmp$")  # stages/artifacts.py's temporary names
-
-
-class Runner:
-    """`dvc repro ARGS` in its own process group, its merged output read line by line."""
-
-    def __init__(self, repo: Path, *args: str, **env: str) -> None:
-        self.process = subprocess.Popen(
-            ["dvc", "repro", *args],
-            cwd=repo,
-            env=tool_env(**env),
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def wait_for(self, text: str, timeout: float = 120) -> bool:
-        """True once `text` appears in the output; False if the process ended first."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(text in line for line in self.lines):
-                return True
-            if self.process.poll() is not None:
-                self.reader.join()
-                return any(text in line for line in self.lines)
-            time.sleep(0.02)
-        raise AssertionError(f"no {text!r} within {timeout} s:\n{self.output}")
-
-    def kill(self) -> bool:
-        """SIGKILL to the whole group (dvc and the stage); False if it had already exited."""
-        if self.process.poll() is not None:
-            return False
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-        return True
-
-    def kill_stage(self, stage: str) -> bool:
-        """SIGKILL to the stage's process only, then wait for DVC to exit; False, after letting
-        the run finish, if the stage had already exited.
-
-        DVC writes dvc.lock and .dvc/tmp/rwlock in place, not atomically: a kill that lands on
-        DVC itself while it records a stage or releases its lock can truncate either file. That
-        is DVC's window, not a stage's, so these kills aim at the stage's own process and let
-        DVC see the failure, release its lock and exit non-zero, as it does when a stage crashes.
-        """
-        try:
-            workers = [
-                child
-                for child in psutil.Process(self.process.pid).children(recursive=True)
-                if f"stages.{stage}" in " ".join(child.cmdline())
-            ]
-            for worker in workers:
-                worker.kill()
-        except psutil.NoSuchProcess:
-            workers = []
-        code = self.finish()
-        if not workers:
-            return False
-        assert code != 0, f"dvc repro exited 0 after its stage was killed:\n{self.output}"
-        return True
-
-    def finish(self, timeout: float = 300) -> int:
-        code = self.process.wait(timeout=timeout)
-        self.reader.join()
-        return code
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
 
 
 def outs_by_stage(repo: Path) -> dict[str, list]:

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import logging
 import re
@@ -15,8 +16,10 @@ from stages.config import Params
 from stages.errors import StageError
 from stages.fashion_mnist import StatsError
 from stages.model import ModelTooLargeError, NeuralNetwork, build_model, parameter_count
+from stages.records import RecordError
 from stages.train import train
 
+from .helpers.data import restamp_record
 from .test_artifacts import _Payload
 
 
@@ -265,6 +268,7 @@ def test_a_foreign_or_unsafe_checkpoint_is_ignored_saying_why(
     elif change == "data":
         stats = processed_dir / "stats.json"
         stats.write_text(stats.read_text().replace('"mean": 0.', '"mean": 0.0'))
+        restamp_record(processed_dir)  # as if preprocess had written other data
     elif change == "code":
         monkeypatch.setattr(stages.checkpoint, "source_digest", lambda: "edited stage code")
     elif change == "threads":
@@ -377,6 +381,7 @@ def test_unusable_normalisation_stats_are_named_before_training(
 ) -> None:
     path = processed_dir / "stats.json"
     path.write_text(stats)
+    restamp_record(processed_dir)  # as if preprocess had written these stats
     monkeypatch.setattr(stages.train, "train_loop", lambda *a, **k: pytest.fail("it trained"))
     where = (
         "preprocess.mean and preprocess.std in params.yaml"
@@ -439,3 +444,26 @@ def test_a_network_too_large_for_memory_is_refused_before_allocating(
             tmp_path / "live",
         )
     assert not (tmp_path / "w.pth").exists()
+
+
+def test_processed_data_changed_after_preprocess_is_refused_naming_the_file(
+    tmp_path: Path, processed_dir: Path, small_params: Params
+) -> None:
+    stats = processed_dir / "stats.json"
+    stats.write_text(stats.read_text().replace('"mean": 0.', '"mean": 0.0'))
+    with pytest.raises(RecordError, match=rf"{re.escape(str(stats))}: sha256 .* preprocess"):
+        train.fn(small_params, processed_dir, tmp_path / "w.pth", tmp_path / "live")
+    assert not (tmp_path / "w.pth").exists()
+
+
+def test_the_record_beside_the_weights_says_what_made_them(
+    trained: dict[str, Path], processed_dir: Path, small_params: Params
+) -> None:
+    record = json.loads(trained["weights_path"].with_name("record.json").read_text())
+    weights_sha256 = hashlib.sha256(trained["weights_path"].read_bytes()).hexdigest()
+    assert record["outputs"] == {trained["weights_path"].name: weights_sha256}
+    assert record["params"]["train"] == small_params.train.model_dump(mode="json")
+    assert record["params"]["seed"] == small_params.seed
+    assert set(record["inputs"]) == {"train.pt", "val.pt", "stats.json"}
+    assert record["preprocess"] == json.loads((processed_dir / "record.json").read_text())
+    assert record["ran_on"]["device"] == "cpu"
