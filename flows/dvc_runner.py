@@ -22,6 +22,7 @@ import importlib
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, chdir, contextmanager
@@ -159,6 +160,20 @@ def make_repro_fn(record: RunRecord) -> Callable[..., Stage | None]:
     return repro_fn
 
 
+def require_writable_checkout(root: Path) -> None:
+    """Fails unless DVC can write its locks under .dvc/tmp/ (a read-only checkout cannot)."""
+    tmp = Path(root) / ".dvc" / "tmp"
+    try:
+        tmp.mkdir(exist_ok=True)
+        with tempfile.TemporaryFile(dir=tmp):
+            pass
+    except OSError as exc:
+        raise StageError(
+            f"{root}: not writable ({exc.strerror}): the pipeline writes its locks (.dvc/tmp/), "
+            "data, models and reports inside the checkout; run it from a writable copy"
+        ) from None
+
+
 @contextmanager
 def hold_pipeline(repo: Repo, wait: bool) -> Iterator[None]:
     """Holds DVC's repo lock, and its path locks on every dep and out, until the block ends.
@@ -178,6 +193,12 @@ def hold_pipeline(repo: Repo, wait: bool) -> Iterator[None]:
                 held.enter_context(rwlock(repo.tmp_dir, repo.fs, cmd, [], paths, hardlink))
             except LockError as exc:
                 busy = exc
+            except OSError as exc:  # a read-only checkout, say: DVC's locks live in .dvc/tmp/
+                raise StageError(
+                    f"{exc.filename}: cannot take DVC's lock ({exc.strerror}); the pipeline "
+                    "writes its locks, data, models and reports inside the checkout: run it "
+                    "from a writable copy"
+                ) from None
             else:
                 yield
                 return

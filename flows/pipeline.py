@@ -10,6 +10,11 @@ named `Cached`. flows/dvc_runner.py has the mechanics.
 A flow run and a `dvc repro` never interleave: the one that comes second fails within seconds
 with a clear "busy" error, or waits if asked to (`--wait-for-lock` here, `dvc --wait-for-lock
 repro` there).
+
+Its Prefect server is PREFECT_API_URL's, checked before the run; without one, a temporary server
+of its own that ends with the run. A run stops within seconds, with one `error:` line, on SIGTERM
+or SIGINT (exit 143, 130), and when its server goes away (exit 1): the stages it finished keep
+their outs and dvc.lock entries, and the one it was running replaces no out.
 """
 
 from __future__ import annotations
@@ -23,21 +28,30 @@ if __name__ == "__main__":  # --help and a bad argument answer before DVC and Pr
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
+import httpx  # Prefect's client is built on it: its errors are what a failed API call raises
 import pandas as pd
 from dvc.exceptions import DvcException
 from dvc.repo import Repo
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
+from prefect.settings import (
+    PREFECT_API_URL,
+    temporary_settings,
+)
 
-from flows.dvc_runner import RunRecord, reproduce
+from flows.dvc_runner import RunRecord, reproduce, require_writable_checkout
+from flows.prefect_server import CLIENT_DEFAULTS, ServerWatch, temporary_server
 from stages.config import EVAL_DIR, PARAMS_FILE, load_params
 from stages.errors import StageError
 from stages.runtime import prefect_api_url, require_prefect_server
+from stages.signals import StageStopped, stop_on_signals
 
 FLOW_NAME = "fashion-mnist-pipeline"
 
@@ -114,21 +128,71 @@ def pipeline(
     return summary
 
 
+KEPT = (
+    "the stages it finished keep their outs and dvc.lock entries, and the one it was running "
+    "replaced no out (train resumes from its last checkpoint)"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     return run(pipeline_args(__doc__, argv))
 
 
 def run(args: argparse.Namespace) -> int:
+    # A flow run is started by a shell or a scheduler and must outlive a shell that exits.
+    stop_on_signals(parent_death=False)
+    watch: ServerWatch | None = None
     try:
-        if api_url := prefect_api_url():
-            require_prefect_server(api_url)
-        pipeline(force=args.force, targets=args.targets, wait_for_lock=args.wait_for_lock)
-    except (StageError, DvcException) as exc:
+        url = prefect_api_url()
+        if url:
+            require_prefect_server(url)
+        require_writable_checkout(Path(Repo.find_root()))  # before the flow: no traceback
+        with ExitStack() as stack:
+            if not url:
+                url = stack.enter_context(temporary_server())
+            stack.enter_context(
+                temporary_settings(updates={PREFECT_API_URL: url}, set_defaults=CLIENT_DEFAULTS)
+            )
+            watch = stack.enter_context(ServerWatch(url))
+            pipeline(force=args.force, targets=args.targets, wait_for_lock=args.wait_for_lock)
+    except (StageStopped, Exception) as exc:
+        return report(exc, watch)
+    return 0
+
+
+def report(exc: BaseException, watch: ServerWatch | None) -> int:
+    """Prints the one `error:` line for why the run ended early; its exit code.
+
+    When the server went away, this ends the process at once (os._exit): all that is left to do
+    is what Prefect does at exit, sending its queued logs and events to that server, retrying
+    each for seconds.
+    """
+    if watch is not None and watch.gone:
+        print(
+            f"error: the Prefect server went away mid-run: {watch.gone}; the flow stopped: {KEPT}; "
+            "start the server again and rerun",
+            file=sys.stderr,
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    if isinstance(exc, StageStopped):
+        print(f"error: flow {FLOW_NAME}: stopped by {exc}; {KEPT}", file=sys.stderr)
+        return 128 + exc.signum
+    if isinstance(exc, httpx.HTTPError):
+        url = watch.url if watch else prefect_api_url()
+        print(
+            f"error: a request to the Prefect server at PREFECT_API_URL={url} failed "
+            f"({type(exc).__name__}: {exc}); the flow stopped: {KEPT}",
+            file=sys.stderr,
+        )
+        return 1
+    if isinstance(exc, (StageError, DvcException)):
         # DVC wraps a failed stage's error ("failed to reproduce 'train'"): show both.
         cause = f": {exc.__cause__}" if isinstance(exc.__cause__, StageError) else ""
         print(f"error: {exc}{cause}", file=sys.stderr)
         return 1
-    return 0
+    raise exc
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ A stage killed half-way leaves the old file or none, never a truncated one for D
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -67,6 +69,37 @@ def _folder_in_the_way(dest: Path) -> OutputError:
     )
 
 
+# A full disk, or a full quota: the same advice.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError
+
+
+def _mount_point(folder: Path) -> Path:
+    path = folder.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def _disk_full(folder: Path, exc: OSError) -> OutputError:
+    usage = shutil.disk_usage(folder)
+    needed = getattr(exc, "needed", None)  # set by torch_save, which knows the archive's size
+    need = f"{_size(needed)}" if needed else f"more than the {_size(usage.free)} free"
+    return OutputError(
+        f"{folder}/: no space left on the disk mounted at {_mount_point(folder)} "
+        f"({_size(usage.free)} free of {_size(usage.total)}; {exc.strerror}); this write needs "
+        f"{need}. Free some space (`dvc gc --workspace` drops cache objects that no out uses) "
+        "and run again; no out was replaced"
+    )
+
+
 def require_writable(*dests: Path, files: bool = False) -> None:
     """Fails before any work unless each out's folder takes a new file (what a rename needs);
     with `files`, also unless each dest is a file or nothing (a folder there cannot be replaced by
@@ -116,7 +149,13 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     dest = Path(dest)
     tmp = _new_temp(dest, folder=True)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:
+            if exc.errno in DISK_FULL:
+                shutil.rmtree(tmp, ignore_errors=True)  # so the message gives the space free
+                raise _disk_full(dest.parent, exc) from None
+            raise
         before_replacing(dest)
         _keep_git_ignores(dest, tmp)
         for child in tmp.rglob("*"):
@@ -147,9 +186,17 @@ def atomic_paths(*dests: Path) -> Iterator[list[Path]]:
     temps: list[Path] = []
     try:
         temps += [_new_temp(dest, folder=False) for dest in dests]
-        yield list(temps)
+        try:
+            yield list(temps)
+            for tmp in temps:
+                _fsync(tmp)
+        except OSError as exc:
+            if exc.errno in DISK_FULL:
+                for tmp in temps:  # so the message gives the space free
+                    tmp.unlink(missing_ok=True)
+                raise _disk_full(dests[0].parent, exc) from None
+            raise
         for tmp in temps:
-            _fsync(tmp)
             os.chmod(tmp, 0o644)
         for dest in dests:
             before_replacing(dest)
@@ -184,9 +231,17 @@ def write_json(obj: Any, dest: Path) -> None:
 def torch_save(obj: Any, path: Path) -> None:
     # Through a file object: given a path, torch names the archive's records after the file, and
     # the random temporary name would make identical weights hash differently.
-    # A stop signal waits: torch's writer cut half-way fails in its own cleanup, hiding the signal.
+    # Serialised in memory first: on a full disk torch's zip writer fails with "unexpected pos",
+    # while a plain write fails with ENOSPC, and the size it needed is known.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    # A stop signal waits: a write cut half-way would leave a torn file behind the signal.
     with open(path, "wb") as handle, deferred():
-        torch.save(obj, handle)
+        try:
+            handle.write(buffer.getbuffer())
+        except OSError as exc:
+            exc.needed = buffer.getbuffer().nbytes  # for the disk-full message
+            raise
 
 
 def save_torch(obj: Any, dest: Path) -> None:

@@ -128,6 +128,22 @@ def _describe_change(key: str, old: Any, new: Any) -> str:
     return f"{key} {old!r} -> {new!r}"
 
 
+def require_outs_inside(spec: StageSpec, root: Path) -> None:
+    """Fails before any work if an out resolves outside the project (a symlinked `models/`):
+    DVC would refuse to record it only after the stage had run."""
+    project = root.resolve()
+    for out in spec.outs:
+        resolved = (root / out).resolve()
+        if resolved.is_relative_to(project):
+            continue
+        link = next((p for p in [*reversed(out.parents), out] if (root / p).is_symlink()), out)
+        raise StageError(
+            f"{out}: resolves to {resolved}, outside the project {project} ({link} is a "
+            f"symlink); DVC records no out outside the project, so the run would be lost: make "
+            f"{link} a folder inside the project (a DVC cache elsewhere is `dvc cache dir`)"
+        )
+
+
 _current: ContextVar[Watch | None] = ContextVar("stage_inputs", default=None)
 
 
@@ -138,10 +154,12 @@ def watching_inputs(name: str, params: Params, params_path: Path = PARAMS_FILE) 
     Paths are relative to the current folder (the repo root, where DVC runs a stage). Without a
     dvc.yaml entry for the stage (a stage run by hand elsewhere) nothing is watched.
     """
-    spec = read_spec(name, Path(params_path).parent / DVC_YAML)
+    root = Path(params_path).parent
+    spec = read_spec(name, root / DVC_YAML)
     if spec is None:
         yield
         return
+    require_outs_inside(spec, root)
     watch = Watch(
         spec,
         Path(params_path),

@@ -9,7 +9,9 @@ a Prefect task run on that server; without one it calls the task's function dire
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -21,6 +23,7 @@ from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary
 
 from stages.config import load_params
 from stages.errors import StageError
+from stages.inputs import watching_inputs
 from stages.signals import StageStopped, stop_on_signals
 
 
@@ -47,20 +50,76 @@ def prefect_api_url() -> str | None:
     return get_current_settings().api.url
 
 
-def require_prefect_server(url: str) -> None:
-    """Raises StageError unless a Prefect server answers its health check at `url` within 5 s."""
+PROBE_TIMEOUT_S = 5.0
+PROBE_MAX_BYTES = 4096  # a version is a few bytes; anything may answer, at any length
+# What /admin/version answers: "3.4.1", "3.6.0.dev3", ...
+PREFECT_VERSION = re.compile(r"^\d+\.\d+")
+
+
+def _probe_get(url: str, deadline: float) -> bytes:
+    """GET url's body (its first PROBE_MAX_BYTES), all before `deadline` or OSError."""
     import urllib.request
 
+    timeout = max(deadline - time.monotonic(), 0.5)
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read(PROBE_MAX_BYTES)
+
+
+def _probe_failure(exc: OSError, timeout: float) -> str:
+    import urllib.error
+
+    if isinstance(exc, urllib.error.HTTPError):
+        return str(exc)  # "HTTP Error 500: Internal Server Error"
+    reason = getattr(exc, "reason", exc)  # URLError wraps the socket's error
+    if isinstance(reason, TimeoutError):
+        return f"no answer within {timeout:g} s"
+    return str(reason)
+
+
+def prefect_server_problem(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why `url` is no working Prefect API, naming it; None when it is.
+
+    A Prefect server must answer GET /health, then GET /admin/version (the first call Prefect's
+    client makes) with a version, all within `timeout` seconds. Prefect's own client would wait
+    60 s per request and retry 5 times on a server that stalls, and fail with "Invalid version"
+    on something that is no Prefect server.
+    """
+    base = url.rstrip("/")
+    deadline = time.monotonic() + timeout
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as response:
-            if response.status == 200:
-                return
+        _probe_get(f"{base}/health", deadline)
     except OSError as exc:
+        failure = _probe_failure(exc, timeout)
+        return f"no Prefect server answers at PREFECT_API_URL={url} ({failure})"
+    try:
+        body = _probe_get(f"{base}/admin/version", deadline)
+    except OSError as exc:
+        return (
+            f"the server at PREFECT_API_URL={url} answers /health but not its API "
+            f"(GET {base}/admin/version: {_probe_failure(exc, timeout)})"
+        )
+    try:
+        version = json.loads(body)
+    except ValueError:
+        version = None
+    if isinstance(version, str) and PREFECT_VERSION.match(version):
+        return None
+    shown = body[:60].decode(errors="replace")
+    hint = "" if base.endswith("/api") else "; a Prefect API's URL ends in /api"
+    return (
+        f"the server at PREFECT_API_URL={url} does not look like a Prefect server "
+        f"(GET {base}/admin/version answered {shown!r}, not a Prefect version{hint})"
+    )
+
+
+def require_prefect_server(url: str) -> None:
+    """Raises StageError, naming `url`, unless a Prefect server answers there within 5 s."""
+    problem = prefect_server_problem(url)
+    if problem is not None:
         raise StageError(
-            f"no Prefect server answers at PREFECT_API_URL={url} ({exc}); {START_SERVER_HINT}, "
+            f"{problem}; {START_SERVER_HINT}, "
             "or unset PREFECT_API_URL to run without Prefect recording the run"
-        ) from None
-    raise StageError(f"the Prefect server at {url} is not healthy; {START_SERVER_HINT}")
+        )
 
 
 def run_cli(stage_task: Any, args: argparse.Namespace) -> int:
@@ -88,12 +147,14 @@ def run_cli(stage_task: Any, args: argparse.Namespace) -> int:
             time.time() - psutil.Process().create_time(),
             as_task_run,
         )
-        if not as_task_run:
-            stage_task.fn(params)
-            return 0
-        # A task run outside any flow run has nowhere to send its logs: keep them on the console.
-        with temporary_settings({PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}):
-            stage_task(params)
+        with watching_inputs(name, params, args.params):
+            if not as_task_run:
+                stage_task.fn(params)
+                return 0
+            # A task run outside any flow run has nowhere to send its logs: keep them on the
+            # console.
+            with temporary_settings({PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}):
+                stage_task(params)
     except StageError as exc:
         print(f"error: {name}: {exc}", file=sys.stderr)
         return 1

@@ -32,12 +32,13 @@ def _on_signal(signum: int, _frame: FrameType | None) -> None:
         raise StageStopped(signum)
 
 
-def stop_on_signals() -> None:
-    """SIGTERM and SIGINT raise StageStopped; the death of the parent process sends SIGTERM
-    (Linux), so a killed `dvc repro` leaves no stage running on unseen to overwrite outs later."""
+def stop_on_signals(parent_death: bool = True) -> None:
+    """SIGTERM and SIGINT raise StageStopped; with `parent_death`, the death of the parent process
+    sends SIGTERM (Linux), so a killed `dvc repro` leaves no stage running on unseen to overwrite
+    outs later."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, _on_signal)
-    if sys.platform.startswith("linux"):
+    if parent_death and sys.platform.startswith("linux"):
         import ctypes
 
         pr_set_pdeathsig = 1

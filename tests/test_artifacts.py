@@ -6,7 +6,17 @@ import pytest
 import torch
 
 import stages.artifacts
-from stages.artifacts import atomic_dir, atomic_path, atomic_paths, save_torch, write_json
+from stages.artifacts import (
+    OutputError,
+    atomic_dir,
+    atomic_path,
+    atomic_paths,
+    save_torch,
+    write_json,
+    write_text,
+)
+
+from .helpers.disk import tiny_disk
 
 
 def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
@@ -39,7 +49,7 @@ def test_outs_written_together_are_replaced_together_or_not_at_all(
             raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(stages.artifacts, "_fsync", fsync_failing_on_the_second)
-    with pytest.raises(OSError), atomic_paths(*dests) as temps:
+    with pytest.raises(OutputError, match="no space left"), atomic_paths(*dests) as temps:
         for tmp in temps:
             tmp.write_text("new")
     assert [d.read_text() for d in dests] == ["old", "old"]
@@ -172,3 +182,18 @@ def test_json_outs_refuse_nan_and_infinity() -> None:
     for value in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="not JSON compliant"):
             json_text({"accuracy": value})
+
+
+def test_a_full_disk_names_the_folder_the_disk_and_the_space_needed(tmp_path: Path) -> None:
+    with tiny_disk(tmp_path / "disk") as disk:
+        dest = disk / "weights.pth"
+        with pytest.raises(
+            OutputError,
+            match=rf"{re.escape(str(disk))}/: no space left on the "
+            rf"disk mounted at {re.escape(str(disk))} \(64\.0 KiB free of 64\.0 KiB; "
+            r"No space left on device\); this write needs 39\d\.\d KiB",
+        ):
+            save_torch({"w": torch.zeros(100_000)}, dest)
+        with pytest.raises(OutputError, match=r"this write needs more than the .* free"):
+            write_text("x" * 200_000, dest)
+        assert list(disk.iterdir()) == []  # no temporary left behind

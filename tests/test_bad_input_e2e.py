@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from .helpers.data import restamp_record
 from .helpers.repo import edit_params
 from .helpers.tools import dvc, free_port, stages_run
 from .test_artifacts import _Payload
@@ -113,9 +114,14 @@ def raw_file(name: str, edit: Callable[[bytearray], None]) -> Setup:
     return setup
 
 
-def processed_split(change: Callable[[dict], dict]) -> Setup:
+def processed_split(change: Callable[[dict], dict], restamp: bool = True) -> Setup:
+    """Train on a changed split file; with `restamp`, as if preprocess had written it (else
+    preprocess's record gives it away)."""
+
     def setup(repo: Path, tmp: Path, mirror: Path) -> tuple[list[str], dict[str, str]]:
         resave_split(repo, "train", change)
+        if restamp:
+            restamp_record(repo / "data/processed")
         return ["-s", "train"], {}
 
     return setup
@@ -150,7 +156,17 @@ def pickled_code(repo: Path, tmp: Path, mirror: Path) -> tuple[list[str], dict[s
     torch.save(
         {"images": _Payload(tmp / "pwned"), "labels": None}, repo / "data/processed/train.pt"
     )
+    restamp_record(repo / "data/processed")  # else the record check refuses it before loading
     return ["-s", "train"], {}
+
+
+def models_symlinked_outside(
+    repo: Path, tmp: Path, mirror: Path
+) -> tuple[list[str], dict[str, str]]:
+    shutil.move(repo / "models", tmp / "models")
+    (repo / "models").symlink_to(tmp / "models")
+    edit_params(repo, train={"learning_rate": 0.05})
+    return [], {}
 
 
 CASES: list[tuple[str, Setup, str]] = [
@@ -269,6 +285,12 @@ CASES: list[tuple[str, Setup, str]] = [
         "data/processed/train.pt: labels must be int64 [54000], got torch.int64 [53999]",
     ),
     ("pickled-code", pickled_code, "data/processed/train.pt: not a readable tensor file"),
+    (
+        "processed-changed-after-preprocess",
+        processed_split(lambda d: {**d, "labels": d["labels"].flip(0)}, restamp=False),
+        "data/processed/train.pt: sha256 ",
+    ),
+    ("models-symlinked-outside", models_symlinked_outside, "(models is a symlink)"),
     (
         "read-only-output-folder",
         params(train={"learning_rate": 0.05}),

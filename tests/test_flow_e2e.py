@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from .helpers.disk import read_only_view
 from .helpers.prefect import prefect_api
 from .helpers.repo import SMALL, copy_repo, edit_params
 from .helpers.tools import VENV_BIN, dvc, run, stages_run, stop_session, tool_env
@@ -250,3 +251,19 @@ def test_ui_shows_every_task_run(pipeline_copy: Path, prefect_server: str, tmp_p
     assert shot.stat().st_size > 10_000
     for stage in STAGES:
         assert re.search(rf"\b{stage}-[0-9a-f]{{3}}\b", dom), f"{stage} task run not on the page"
+
+
+def test_a_read_only_checkout_is_named_without_a_traceback(
+    pipeline_copy: Path, prefect_server: str, tmp_path: Path
+) -> None:
+    edit_params(pipeline_copy, train={"learning_rate": 0.05})  # something to run
+    with read_only_view(pipeline_copy, tmp_path / "view") as view:
+        started = time.monotonic()
+        result, _ = run_flow(view, prefect_server, check=False)
+        seconds = time.monotonic() - started
+    assert result.returncode == 1, result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors, result.stderr
+    assert f"{view}: not writable (Read-only file system)" in errors[-1]
+    assert "Traceback" not in result.stderr
+    assert seconds < 60, seconds

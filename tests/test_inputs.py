@@ -10,6 +10,7 @@ import pytest
 from stages import inputs
 from stages.artifacts import file_digest, write_text
 from stages.config import load_params
+from stages.errors import StageError
 
 from .helpers.repo import clone_pipeline, edit_params
 from .helpers.runner import Runner
@@ -114,3 +115,20 @@ def test_params_edited_while_train_runs_are_refused_through_either_door(
     assert (repo / "dvc.lock").read_bytes() == lock_before
     assert file_digest(repo / "models/train/model_weights.pth") == weights_before
     assert "train" in dvc(repo, "status").stdout  # DVC sees the new params as not yet run
+
+
+def test_an_out_folder_symlinked_out_of_the_project_is_refused_before_work(
+    project: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The issue's case: `models/` a symlink out of the repo trained fully, then DVC refused."""
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    (project / "models").symlink_to(elsewhere)
+    with (
+        pytest.raises(
+            StageError,
+            match=r"models/train/model_weights\.pth: resolves to .*"
+            r"outside the project .*\(models is a symlink\)",
+        ),
+        inputs.watching_inputs("train", load_params(Path("params.yaml"))),
+    ):
+        pytest.fail("the stage ran")

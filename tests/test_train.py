@@ -11,7 +11,7 @@ import torch
 import stages.checkpoint
 import stages.model
 import stages.train
-from stages.artifacts import load_torch
+from stages.artifacts import OutputError, load_torch
 from stages.config import Params
 from stages.errors import StageError
 from stages.fashion_mnist import StatsError
@@ -20,6 +20,7 @@ from stages.records import RecordError
 from stages.train import train
 
 from .helpers.data import restamp_record
+from .helpers.disk import tiny_disk
 from .test_artifacts import _Payload
 
 
@@ -467,3 +468,18 @@ def test_the_record_beside_the_weights_says_what_made_them(
     assert set(record["inputs"]) == {"train.pt", "val.pt", "stats.json"}
     assert record["preprocess"] == json.loads((processed_dir / "record.json").read_text())
     assert record["ran_on"]["device"] == "cpu"
+
+
+def test_a_full_disk_at_the_checkpoint_names_the_disk_and_the_space_needed(
+    tmp_path: Path, processed_dir: Path, small_params: Params
+) -> None:
+    """The issue's case: torch's "unexpected pos 832 vs 726", with no file named."""
+    with tiny_disk(tmp_path / "checkpoints", size="16k") as disk:
+        with pytest.raises(
+            OutputError,
+            match=rf"{re.escape(str(disk))}/: no space left on the "
+            r"disk mounted at .* this write needs \d+\.\d [KM]iB",
+        ):
+            train.fn(small_params, processed_dir, tmp_path / "w.pth", tmp_path / "l", disk / "c.pt")
+        assert list(disk.iterdir()) == []
+    assert not (tmp_path / "w.pth").exists()

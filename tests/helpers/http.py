@@ -1,9 +1,11 @@
-"""A real HTTP server on 127.0.0.1 whose answers the test writes, for mirrors that misbehave.
+"""A real HTTP server on 127.0.0.1 whose answers the test writes, for mirrors and Prefect servers
+that misbehave.
 
-`serve(answer)` runs `answer(handler, stop)` for each GET, in a thread per connection: `handler`
-is the http.server request handler (its path, headers and raw `wfile`), `stop` an Event set when
-the server is stopping, which long answers wait on. The server stops when the `with` block ends,
-or by itself after `lifetime_s`, so that a client that never gives up still ends.
+`serve(answer)` runs `answer(handler, stop)` for each request, in a thread per connection:
+`handler` is the http.server request handler (its command, path, headers and raw `wfile`; a
+request's body is read already), `stop` an Event set when the server is stopping, which long
+answers wait on. The server stops when the `with` block ends, or by itself after `lifetime_s`,
+so that a client that never gives up still ends.
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ def serve(
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             with contextlib.suppress(OSError):  # the client hung up, as it does on bad mirrors
+                # Read first, so that the next request on this connection starts where it should.
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 answer(self, stop)
+
+        do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
 
         def log_message(self, *args: object) -> None:
             pass
@@ -73,6 +79,19 @@ def send_head(handler: http.server.BaseHTTPRequestHandler, length: int | None = 
         handler.send_header("Content-Length", str(length))
     handler.end_headers()
     handler.wfile.flush()
+
+
+def send_body(
+    handler: http.server.BaseHTTPRequestHandler,
+    body: bytes,
+    content_type: str = "application/json",
+) -> None:
+    """A whole 200 answer: status line, headers and body."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
 
 
 def self_signed(folder: Path) -> tuple[Path, Path]:

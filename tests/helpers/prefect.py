@@ -47,6 +47,15 @@ def running_server(home: Path, timeout: float = 120) -> Iterator[str]:
     PREFECT_UI_API_URL is left to the Makefile: a UI that works on this port (not 4200) shows that
     `make server` sets it.
     """
+    with server_process(home, timeout) as (url, _):
+        yield url
+
+
+@contextmanager
+def server_process(home: Path, timeout: float = 120) -> Iterator[tuple[str, subprocess.Popen]]:
+    """running_server's server, and its process (the leader of its own session), for a test that
+    kills it; whatever is left of that session is stopped at the end."""
+    home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = tool_env(PREFECT_HOME=str(home))
@@ -63,7 +72,7 @@ def running_server(home: Path, timeout: float = 120) -> Iterator[str]:
         )
         try:
             wait_healthy(url, server, log_path, timeout)
-            yield url
+            yield url, server
         finally:
             stop_session(server)
 
