@@ -146,7 +146,10 @@ def run(args: argparse.Namespace) -> int:
         url = prefect_api_url()
         if url:
             require_prefect_server(url)
-        require_writable_checkout(Path(Repo.find_root()))  # before the flow: no traceback
+        # Checked before the flow starts, where a failure is one line, not Prefect's traceback.
+        root = Path(Repo.find_root())
+        require_writable_checkout(root)
+        load_params(root / PARAMS_FILE)
         with ExitStack() as stack:
             if not url:
                 url = stack.enter_context(temporary_server())

@@ -16,6 +16,9 @@ import flows.dvc_runner as runner
 from stages.errors import StageError
 from stages.train import train
 
+from .helpers.repo import copy_repo
+from .helpers.tools import run, tool_env
+
 PERSISTED = "    outs:\n      - {}:\n          persist: true\n"
 
 
@@ -119,3 +122,15 @@ def test_a_second_run_is_busy_while_one_holds_the_pipeline(
     assert busy.returncode != 0
     assert "PipelineBusyError: pipeline busy" in busy.stderr, busy.stderr
     assert free.returncode == 0, free.stderr
+
+
+def test_a_non_utf8_params_file_stops_the_flow_before_it_starts(tmp_path: Path) -> None:
+    """One `error:` line naming the file and the byte, no Prefect run and no traceback."""
+    repo = copy_repo(tmp_path / "repo")
+    (repo / "params.yaml").write_bytes((repo / "params.yaml").read_bytes() + b"# caf\xe9\n")
+    result = run(["python", "-m", "flows.pipeline"], repo, tool_env(), check=False)
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: {repo}/params.yaml: not UTF-8 text (byte 0xe9"), error
+    assert "Traceback" not in result.stderr
+    assert "temporary server" not in result.stderr + result.stdout
