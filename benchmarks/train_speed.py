@@ -1,4 +1,4 @@
-"""python benchmarks/train_speed.py [--samples 30000] [--rounds 3] [--device auto]
+"""python benchmarks/train_speed.py [--samples 30000] [--rounds 3] [--device auto] [--numerics both]
 
 Training throughput, three ways, in one process, on the same number of samples after a warm-up:
   (a) tutorial: torchvision FashionMNIST -> ToTensor -> DataLoader(shuffle=True), SGD lr 1e-3;
@@ -11,14 +11,21 @@ Runs at batch 64 and at the default batch size and prints one JSON line. The loo
 round after round, and each reports its median: a slow spell on a shared machine then hits every
 loop alike instead of skewing one ratio. Needs data/raw and data/processed
 (`dvc repro preprocess`).
+
+`--numerics both` (the default) measures with portable CPU numerics (stages/numerics.py) and with
+this CPU's own, each round in a fresh process of each kind (the setting is read when torch
+loads), and reports both, their ratio, and the CPU's name.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -30,6 +37,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision.transforms import ToTensor
 
+from stages import numerics
 from stages.config import PROCESSED_DIR, RAW_DIR, load_params
 from stages.dataset import load_dataset, make_loader
 from stages.device import configure_threads, resolve_device
@@ -151,6 +159,60 @@ def measure(
     return {k: round(v, 3) if "_vs_" in k else round(v) for k, v in result.items()}
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def one_round(mode: str, args: argparse.Namespace) -> dict:
+    """One round with `mode` numerics, in a fresh process (numerics are fixed when torch loads)."""
+    command = [sys.executable, __file__, "--numerics", mode, "--rounds", "1"]
+    command += ["--samples", str(args.samples)] + (["--device", args.device] if args.device else [])
+    # Set here, not by importing `stages`: this module imports torch first.
+    env = {k: v for k, v in os.environ.items() if k not in numerics.PORTABLE}
+    env[numerics.SWITCH] = "1" if mode == "portable" else "0"
+    if mode == "portable":
+        env.update(numerics.PORTABLE)
+    output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(output.splitlines()[-1])
+
+
+def medians(reports: list[dict]) -> dict:
+    """Each batch size's figures, the median over rounds; the rest as the first round says."""
+    merged = dict(reports[0])
+    for key, first in reports[0].items():
+        if isinstance(first, dict) and all(isinstance(v, int | float) for v in first.values()):
+            merged[key] = {
+                name: round(statistics.median(r[key][name] for r in reports), 3 * ("_vs_" in name))
+                for name in first
+            }
+    return merged
+
+
+def compare_numerics(args: argparse.Namespace) -> dict:
+    rounds: dict[str, list[dict]] = {"portable": [], "native": []}
+    for _ in range(args.rounds):  # turns, so a slow spell hits both alike
+        for mode, reports in rounds.items():
+            reports.append(one_round(mode, args))
+    report: dict[str, object] = {
+        mode: {k: v for k, v in medians(reports).items() if k not in ("rounds", "samples", "cpu")}
+        for mode, reports in rounds.items()
+    }
+    for batch, figures in report["portable"].items():
+        if isinstance(figures, dict) and "stage_sps" in figures:
+            native = report["native"][batch]["stage_sps"]
+            report[f"{batch}_portable_vs_native_stage"] = round(figures["stage_sps"] / native, 3)
+    report.update(cpu=cpu_name(), rounds=args.rounds, samples=args.samples)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -158,7 +220,18 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=30_000, help="timed samples per loop")
     parser.add_argument("--rounds", type=int, default=3, help="turns each loop takes (median)")
     parser.add_argument("--device", default=None, help="default: params.yaml's device")
+    parser.add_argument(
+        "--numerics",
+        choices=("both", "portable", "native"),
+        default="both",
+        help="portable CPU numerics, this CPU's own, or both compared (default)",
+    )
     args = parser.parse_args()
+    if args.numerics == "both":
+        print(json.dumps(compare_numerics(args)))
+        return
+    if numerics.describe()["portable"] != (args.numerics == "portable"):
+        sys.exit(f"--numerics {args.numerics}: not in effect here ({numerics.describe()})")
     params = load_params()
     device = resolve_device(args.device or params.device)
     threads = configure_threads(params.train.num_threads)
@@ -173,6 +246,7 @@ def main() -> None:
             ),
         }
     report.update(device=str(device), threads=threads, samples=args.samples, rounds=args.rounds)
+    report.update(numerics=numerics.describe(), cpu=cpu_name())
     print(json.dumps(report))
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stages import numerics
 from stages.artifacts import load_torch, save_torch, source_digest
 from stages.config import Params
 
@@ -61,6 +62,7 @@ def fingerprints(
                 "torch": torch.__version__,
                 "device": str(device),
                 "threads": num_threads,
+                "numerics": numerics.describe(),
             }
         ),
     }

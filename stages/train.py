@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from stages import numerics
 from stages.artifacts import (
     atomic_dir,
     atomic_paths,
@@ -351,6 +352,21 @@ def processed_inputs(processed_dir: Path) -> dict[str, str]:
     return recorded_outputs(Path(processed_dir) / RECORD_FILE, "preprocess", *files)
 
 
+def log_numerics(device: torch.device, logger: Logger) -> None:
+    described = numerics.describe()
+    if described["portable"]:
+        logger.info(
+            "CPU numerics: portable (%s): the same bytes on any x86-64 CPU with AVX2",
+            {k: v for k, v in described.items() if k != "portable"},
+        )
+    else:
+        logger.info(
+            "CPU numerics: this CPU's own (%s)", described.get("why_not", f"{numerics.SWITCH}=0")
+        )
+    if device.type != "cpu":
+        logger.info("portable numerics cover the CPU only; on %s, train.deterministic", device.type)
+
+
 def train_record(
     params: Params,
     processed_dir: Path,
@@ -375,7 +391,7 @@ def train_record(
         preprocess=read_record(Path(processed_dir) / RECORD_FILE, "preprocess"),
         normalize={"mean": mean, "std": std},
         code={"stages_sha256": source_digest(), "torch": torch.__version__},
-        ran_on={"device": str(device), "threads": num_threads},
+        ran_on={"device": str(device), "threads": num_threads, "numerics": numerics.describe()},
     )
 
 
@@ -392,6 +408,7 @@ def train(
     configure_determinism(hp.deterministic, logger)
     device = resolve_device(params.device, logger)
     num_threads = configure_threads(hp.num_threads, logger)
+    log_numerics(device, logger)
     record_path = Path(weights_path).with_name(RECORD_FILE)
     require_writable(weights_path, record_path, checkpoint_path, files=True)  # folders refused
     require_writable(live_dir)

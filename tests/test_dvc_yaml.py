@@ -11,7 +11,7 @@ from .helpers.tools import REPO
 def stage_imports(module: Path) -> set[str]:
     """The stages/*.py files a stage module imports, directly or through each other."""
     seen: set[str] = set()
-    todo = [module]
+    todo = [module, Path("stages/__init__.py")]  # run first by any `stages.<name>` import
     while todo:
         path = todo.pop()
         if path.as_posix() in seen:

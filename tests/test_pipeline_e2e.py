@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from stages.artifacts import file_digest
 from stages.model import NeuralNetwork
 
-from .helpers.repo import edit_params
+from .helpers.repo import copy_repo, edit_params
 from .helpers.tools import REPO, dvc, run, stages_run, tool_env
 
 pytestmark = pytest.mark.e2e
@@ -92,3 +93,29 @@ def test_learning_rate_change_reruns_train_evaluate_export(pipeline_copy: Path) 
 def test_stage_help_starts_with_its_command() -> None:
     result = run(["python", "-m", "stages.train", "--help"], REPO, tool_env())
     assert "python -m stages.train" in result.stdout and "--params" in result.stdout
+
+
+def lock_outs(lock_text: str) -> dict[str, str]:
+    stages = yaml.safe_load(lock_text)["stages"]
+    return {o["path"]: o["md5"] for s in stages.values() for o in s.get("outs", [])}
+
+
+@pytest.mark.slow
+def test_a_fresh_default_run_reproduces_the_committed_lock(
+    tmp_path: Path, real_mirror: Path
+) -> None:
+    """The full default pipeline gives, byte for byte, the dvc.lock in git, on whatever CPU runs
+    the tests: the second pin of portable numerics (tests/test_numerics.py holds the first)."""
+    repo = copy_repo(tmp_path / "repo")
+    committed = (repo / "dvc.lock").read_text()
+    dvc(repo, "repro", FMNIST_MIRROR=str(real_mirror))
+    fresh = (repo / "dvc.lock").read_text()
+    differing = {
+        path: (md5, lock_outs(fresh).get(path))
+        for path, md5 in lock_outs(committed).items()
+        if lock_outs(fresh).get(path) != md5
+    }
+    assert not differing, (
+        f"outs that differ from the committed dvc.lock (committed, now): {differing}"
+    )
+    assert fresh == committed

@@ -468,6 +468,7 @@ def test_the_record_beside_the_weights_says_what_made_them(
     assert set(record["inputs"]) == {"train.pt", "val.pt", "stats.json"}
     assert record["preprocess"] == json.loads((processed_dir / "record.json").read_text())
     assert record["ran_on"]["device"] == "cpu"
+    assert "portable" in record["ran_on"]["numerics"]  # logged and recorded either way
 
 
 def test_a_full_disk_at_the_checkpoint_names_the_disk_and_the_space_needed(

@@ -1,0 +1,75 @@
+"""Portable CPU numerics (stages/numerics.py): the same bytes on every x86-64 CPU with AVX2.
+
+The golden run's sha256 is pinned. The CPU under these tests changes from one session to the
+next: if the pin ever fails on a new CPU, that is a finding about the numerics, not a pin to
+update. The second pin is the committed dvc.lock (tests/test_pipeline_e2e.py).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+
+import pytest
+
+from .helpers.tools import REPO, run, tool_env
+
+# 300 SGD steps of the tutorial's network, seeded, on synthetic batches; prints the weights' sha256.
+GOLDEN_RUN = """
+import hashlib, io, sys
+import stages  # pins the numerics before torch loads, as every stage process does
+import torch
+from torch import nn
+from stages.model import NeuralNetwork
+torch.set_num_threads(int(sys.argv[1]))
+torch.manual_seed(0)
+model = NeuralNetwork()
+optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+data = torch.Generator().manual_seed(1)
+loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+for _ in range(300):
+    x = torch.rand(128, 1, 28, 28, generator=data)
+    y = torch.randint(0, 10, (128,), generator=data)
+    loss_fn(model(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+buffer = io.BytesIO()
+torch.save(model.state_dict(), buffer)
+print(hashlib.sha256(buffer.getvalue()).hexdigest())
+"""
+# Pinned on 2026-11-30 on an Intel Xeon (family 6 model 167, AVX-512, AMX-BF16), torch 2.14.1.
+GOLDEN_SHA256 = "0ad6ec8b279da79cebc68f86d3902c5f9189b05834fec0d66e036c183c32b368"
+
+x86_64 = pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"), reason="the guarantee covers x86-64"
+)
+
+
+def golden(threads: int, **env: str) -> str:
+    result = run([sys.executable, "-c", GOLDEN_RUN, str(threads)], REPO, tool_env(**env))
+    return result.stdout.strip()
+
+
+def described(**env: str) -> dict:
+    code = (
+        "import stages, json; from stages import numerics; print(json.dumps(numerics.describe()))"
+    )
+    return json.loads(run([sys.executable, "-c", code], REPO, tool_env(**env)).stdout)
+
+
+@x86_64
+def test_the_golden_run_gives_the_pinned_bytes_at_any_thread_count() -> None:
+    if not described()["portable"]:
+        pytest.skip("this CPU has no AVX2: the guarantee does not cover it")
+    assert golden(1) == GOLDEN_SHA256
+    assert golden(2) == GOLDEN_SHA256  # MKL's STRICT mode: the thread count changes nothing
+
+
+@x86_64
+def test_portable_numerics_are_on_by_default_and_can_be_switched_off() -> None:
+    on = described()
+    assert on["aten_cpu_capability"] == "avx2" and on["mkl_cbwr"] == "AVX2,STRICT"
+    off = described(FMNIST_PORTABLE_NUMERICS="0")
+    assert off["portable"] is False and off["aten_cpu_capability"] == ""
+    assert "why_not" not in off  # switched off, not unavailable
