@@ -235,6 +235,7 @@ def main() -> None:
     params = load_params()
     device = resolve_device(args.device or params.device)
     threads = configure_threads(params.train.num_threads)
+    numerics.configure_torch()
     default_batch = params.train.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "FashionMNIST" / "raw"  # torchvision's layout; it md5-checks the files

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from prefect import task
 from prefect.cache_policies import NONE
 
+from stages import numerics
 from stages.artifacts import atomic_paths, file_digest, json_text, require_writable
 from stages.config import EVAL_DIR, LIVE_DIR, PROCESSED_DIR, TRAINED_WEIGHTS, Params
 from stages.dataset import load_dataset, make_loader
@@ -192,6 +193,7 @@ def evaluate(
     log = stage_logger("evaluate")
     require_writable(*(Path(out_dir) / name for name in OUT_FILES), files=True)
     device = resolve_device(params.device, log)
+    numerics.configure_torch()  # as train ran: the CNN's convolutions on the same path
     # The weights and test split must be the files their stages recorded; the network's shape
     # comes from the train record, not from params.yaml as it may be now.
     train_record_path = Path(weights_path).with_name(RECORD_FILE)

@@ -7,7 +7,9 @@ the `stages` package is imported, in every stage process and in the flow's):
 - ATEN_CPU_CAPABILITY=avx2: PyTorch's kernels at the AVX2 level;
 - MKL_CBWR=AVX2,STRICT: MKL's conditional numerical reproducibility at the same level; STRICT
   also makes its results independent of the thread count (measured: docs/results.md).
-oneDNN's ISA (ONEDNN_MAX_CPU_ISA) was measured to change nothing for these networks.
+Once torch is loaded, `configure_torch()` (called with the device choice) also turns oneDNN off:
+it runs the CNN's convolutions with kernels picked by CPU and sums split by thread count, so
+they take ATen's path instead, through MKL as pinned above. The MLP never uses oneDNN.
 
 FMNIST_PORTABLE_NUMERICS=0 turns it off for speed. Either way the train stage logs it and records
 it (train's record, the model card, the checkpoint fingerprint). Out of scope, and logged as such:
@@ -19,6 +21,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from typing import Any
 
 SWITCH = "FMNIST_PORTABLE_NUMERICS"
 PORTABLE = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT"}
@@ -43,15 +46,27 @@ def pin() -> None:
     os.environ.update(PORTABLE)
 
 
+def configure_torch() -> None:
+    """oneDNN off while portable numerics are in effect (on, as torch has it, otherwise)."""
+    import torch
+
+    torch.backends.mkldnn.enabled = not _pinned(torch)
+
+
+def _pinned(torch: Any) -> bool:
+    settings = {name: os.environ.get(name, "") for name in PORTABLE}
+    return settings == PORTABLE and torch.backends.cpu.get_cpu_capability() == LEVEL
+
+
 def describe() -> dict[str, str | bool]:
     """What is in effect, for logs and records: {"portable": …, "cpu_capability": …, ...}."""
     import torch
 
     capability = torch.backends.cpu.get_cpu_capability()
-    settings = {name: os.environ.get(name, "") for name in PORTABLE}
-    portable = settings == PORTABLE and capability == LEVEL
+    portable = _pinned(torch) and not torch.backends.mkldnn.enabled
     described: dict[str, str | bool] = {"portable": portable, "cpu_capability": capability}
-    described.update({name.lower(): value for name, value in settings.items()})
+    described.update({name.lower(): os.environ.get(name, "") for name in PORTABLE})
+    described["onednn"] = torch.backends.mkldnn.enabled
     if wanted() and not portable:
         described["why_not"] = (
             f"not available here ({platform.machine()}, torch CPU capability {capability}): the "

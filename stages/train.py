@@ -408,6 +408,7 @@ def train(
     configure_determinism(hp.deterministic, logger)
     device = resolve_device(params.device, logger)
     num_threads = configure_threads(hp.num_threads, logger)
+    numerics.configure_torch()
     log_numerics(device, logger)
     record_path = Path(weights_path).with_name(RECORD_FILE)
     require_writable(weights_path, record_path, checkpoint_path, files=True)  # folders refused
