@@ -22,7 +22,6 @@ import importlib
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, chdir, contextmanager
@@ -40,6 +39,7 @@ from prefect import Task, task
 from prefect.cache_policies import NONE
 from prefect.states import Completed, State
 
+from stages.artifacts import require_writable
 from stages.config import PARAMS_FILE, load_params
 from stages.errors import StageError
 from stages.inputs import watching_inputs
@@ -161,17 +161,9 @@ def make_repro_fn(record: RunRecord) -> Callable[..., Stage | None]:
 
 
 def require_writable_checkout(root: Path) -> None:
-    """Fails unless DVC can write its locks under .dvc/tmp/ (a read-only checkout cannot)."""
-    tmp = Path(root) / ".dvc" / "tmp"
-    try:
-        tmp.mkdir(exist_ok=True)
-        with tempfile.TemporaryFile(dir=tmp):
-            pass
-    except OSError as exc:
-        raise StageError(
-            f"{root}: not writable ({exc.strerror}): the pipeline writes its locks (.dvc/tmp/), "
-            "data, models and reports inside the checkout; run it from a writable copy"
-        ) from None
+    """Fails, naming the folder, unless DVC can write its locks (a read-only checkout cannot):
+    DVC itself would fail there with a traceback."""
+    require_writable(Path(root) / ".dvc" / "tmp" / "lock")
 
 
 @contextmanager
@@ -193,12 +185,6 @@ def hold_pipeline(repo: Repo, wait: bool) -> Iterator[None]:
                 held.enter_context(rwlock(repo.tmp_dir, repo.fs, cmd, [], paths, hardlink))
             except LockError as exc:
                 busy = exc
-            except OSError as exc:  # a read-only checkout, say: DVC's locks live in .dvc/tmp/
-                raise StageError(
-                    f"{exc.filename}: cannot take DVC's lock ({exc.strerror}); the pipeline "
-                    "writes its locks, data, models and reports inside the checkout: run it "
-                    "from a writable copy"
-                ) from None
             else:
                 yield
                 return
@@ -213,6 +199,7 @@ def hold_pipeline(repo: Repo, wait: bool) -> Iterator[None]:
 def reproduce(root: Path, targets: list[str] | None, force: bool, wait_for_lock: bool) -> RunRecord:
     """`dvc repro [--force] [TARGET ...]` with in-process stages; returns what each stage did."""
     record = RunRecord()
+    require_writable_checkout(root)
     with Repo(str(root), _wait_for_lock=wait_for_lock) as repo, hold_pipeline(repo, wait_for_lock):
         repo.reproduce(targets=targets or None, force=force, repro_fn=make_repro_fn(record))
     return record

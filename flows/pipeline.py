@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         url = prefect_api_url()
         if url:
             require_prefect_server(url)
-        # Checked before the flow starts, where a failure is one line, not Prefect's traceback.
+        # What the flow checks first, checked before it starts: one line, not Prefect's traceback.
         root = Path(Repo.find_root())
         require_writable_checkout(root)
         load_params(root / PARAMS_FILE)

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,18 @@ def _disk_full(folder: Path, exc: OSError) -> OutputError:
     )
 
 
+@contextmanager
+def _naming_a_full_disk(folder: Path, remove_temporaries: Callable[[], object]) -> Iterator[None]:
+    """Turns a full disk inside the block into an OutputError that names it and the space."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        remove_temporaries()  # first, so that the message gives the space free
+        raise _disk_full(folder, exc) from None
+
+
 def require_writable(*dests: Path, files: bool = False) -> None:
     """Fails before any work unless each out's folder takes a new file (what a rename needs);
     with `files`, also unless each dest is a file or nothing (a folder there cannot be replaced by
@@ -149,13 +161,8 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     dest = Path(dest)
     tmp = _new_temp(dest, folder=True)
     try:
-        try:
+        with _naming_a_full_disk(dest.parent, lambda: shutil.rmtree(tmp, ignore_errors=True)):
             yield tmp
-        except OSError as exc:
-            if exc.errno in DISK_FULL:
-                shutil.rmtree(tmp, ignore_errors=True)  # so the message gives the space free
-                raise _disk_full(dest.parent, exc) from None
-            raise
         before_replacing(dest)
         _keep_git_ignores(dest, tmp)
         for child in tmp.rglob("*"):
@@ -186,16 +193,12 @@ def atomic_paths(*dests: Path) -> Iterator[list[Path]]:
     temps: list[Path] = []
     try:
         temps += [_new_temp(dest, folder=False) for dest in dests]
-        try:
+        with _naming_a_full_disk(
+            dests[0].parent, lambda: [t.unlink(missing_ok=True) for t in temps]
+        ):
             yield list(temps)
             for tmp in temps:
                 _fsync(tmp)
-        except OSError as exc:
-            if exc.errno in DISK_FULL:
-                for tmp in temps:  # so the message gives the space free
-                    tmp.unlink(missing_ok=True)
-                raise _disk_full(dests[0].parent, exc) from None
-            raise
         for tmp in temps:
             os.chmod(tmp, 0o644)
         for dest in dests:

@@ -264,6 +264,9 @@ def test_a_read_only_checkout_is_named_without_a_traceback(
     assert result.returncode == 1, result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors, result.stderr
-    assert f"{view}: not writable (Read-only file system)" in errors[-1]
+    assert (
+        f"{view}/.dvc/tmp/lock: cannot write into {view}/.dvc/tmp/ (Read-only file system)"
+        in (errors[-1])
+    )
     assert "Traceback" not in result.stderr
     assert seconds < 60, seconds
