@@ -90,11 +90,7 @@ def test_sigterm_to_dvc_repro_stops_its_stage_and_the_next_run_resumes(
     before = outs_by_stage(repo)["train"]
     runner = Runner(repo, "train")
     assert runner.wait_for("epoch 2/3"), runner.output  # epoch 1's checkpoint is saved by then
-    (stage,) = [
-        child
-        for child in psutil.Process(runner.process.pid).children(recursive=True)
-        if "stages.train" in " ".join(child.cmdline())
-    ]
+    stage = runner.stage_process("train")
     runner.process.send_signal(signal.SIGTERM)  # to dvc alone, as a service manager would
     runner.finish()
     deadline = time.monotonic() + 10

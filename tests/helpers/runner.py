@@ -68,11 +68,7 @@ class Runner:
         DVC see the failure, release its lock and exit non-zero, as it does when a stage crashes.
         """
         try:
-            workers = [
-                child
-                for child in psutil.Process(self.process.pid).children(recursive=True)
-                if f"stages.{stage}" in " ".join(child.cmdline())
-            ]
+            workers = self.stage_processes(stage)
             for worker in workers:
                 worker.kill()
         except psutil.NoSuchProcess:
@@ -82,6 +78,29 @@ class Runner:
             return False
         assert code != 0, f"dvc repro exited 0 after its stage was killed:\n{self.output}"
         return True
+
+    def stage_processes(self, stage: str) -> list[psutil.Process]:
+        """The processes running `python -m stages.STAGE` under this runner, outermost first.
+
+        A stage's own short-lived children (a forked helper before it execs, a DataLoader
+        worker) show their parent's command line too, so callers that want the stage itself
+        take the first."""
+        found: dict[int, tuple[psutil.Process, int]] = {}
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                if f"stages.{stage}" in " ".join(child.cmdline()):
+                    found[child.pid] = (child, child.ppid())
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue
+        return [
+            process for process, parent in sorted(found.values(), key=lambda pair: pair[1] in found)
+        ]
+
+    def stage_process(self, stage: str) -> psutil.Process:
+        """The outermost process running `python -m stages.STAGE`; fails if there is none."""
+        found = self.stage_processes(stage)
+        assert found, f"no stages.{stage} process under dvc:\n{self.output}"
+        return found[0]
 
     def finish(self, timeout: float = 300) -> int:
         code = self.process.wait(timeout=timeout)
