@@ -33,6 +33,18 @@ def pipeline_args(doc: str | None, argv: Sequence[str] | None = None) -> argpars
         action="store_true",
         help="wait for a concurrent dvc repro or flow run instead of failing",
     )
+    parser.add_argument(
+        "--pull",
+        action="store_true",
+        help="first take the outs the default DVC remote has (dvc pull --allow-missing "
+        "--run-cache): only stages whose outs it lacks run",
+    )
+    parser.add_argument(
+        "--push",
+        action="store_true",
+        help="afterwards upload outs and run-cache to the default DVC remote "
+        "(dvc push --run-cache)",
+    )
     return parser.parse_args(argv)
 
 
@@ -42,4 +54,10 @@ def serve_args(doc: str | None, argv: Sequence[str] | None = None) -> argparse.N
         "--cron", default=DEFAULT_CRON, help='cron schedule (default: "%(default)s", daily 03:00)'
     )
     parser.add_argument("--timezone", default="UTC", help="timezone of the schedule (default: UTC)")
+    parser.add_argument(
+        "--pull", action="store_true", help="each run first pulls from the default DVC remote"
+    )
+    parser.add_argument(
+        "--push", action="store_true", help="each run pushes what it made to that remote"
+    )
     return parser.parse_args(argv)

@@ -35,6 +35,7 @@ from dvc.repo import Repo, lock_repo
 from dvc.repo.reproduce import _reproduce_stage as reproduce_stage
 from dvc.rwlock import rwlock
 from dvc.stage import Stage
+from dvc.stage.cache import RunCacheNotFoundError
 from prefect import Task, task
 from prefect.cache_policies import NONE
 from prefect.states import Completed, State
@@ -43,6 +44,7 @@ from stages.artifacts import require_writable
 from stages.config import PARAMS_FILE, load_params
 from stages.errors import StageError
 from stages.inputs import watching_inputs
+from stages.outs import restore_outs
 
 STAGE_COMMAND = re.compile(r"^python3? -m stages\.(\w+)$")
 NO_DEVICE = "none: no stage ran in process"
@@ -54,7 +56,7 @@ class PipelineBusyError(StageError):
 
 @dataclass
 class StageRecord:
-    status: Literal["ran", "reproduced by DVC", "up to date"]
+    status: Literal["ran", "restored", "reproduced by DVC", "up to date"]
     seconds: float
     note: str = ""
 
@@ -78,13 +80,6 @@ def in_process_name(stage: Stage) -> str | None:
     match = STAGE_COMMAND.match(str(stage.cmd).strip())
     if not match or stage.frozen:  # DVC only checks a frozen stage's outs: its own step does
         return None
-    not_persisted = [str(out) for out in stage.outs if not out.persist]
-    if not_persisted:
-        # DVC would consult its run cache for these; running the task instead could differ.
-        raise StageError(
-            f"{stage.addressing}: outs {', '.join(not_persisted)} lack `persist: true` in "
-            "dvc.yaml; the flow runs a stage in process only when all its outs persist"
-        )
     return match.group(1)
 
 
@@ -122,14 +117,30 @@ def call_task(stage: Stage, stage_fn: Task, record: RunRecord) -> None:
             os.environ["DVC_ROOT"] = previous_root
 
 
-def run_in_process(stage: Stage, command: Callable[[], None], no_commit: bool) -> None:
-    """What DVC's `Stage.run` does around a stage's command, with `command` in its place."""
-    stage.remove_outs(ignore_remove=False, force=False)  # persisted outs are only unprotected
-    command()
+def run_in_process(stage: Stage, command: Callable[[], None], force: bool, no_commit: bool) -> bool:
+    """What DVC's `Stage.run` does around a stage's command, with `command` in its place:
+    remove the outs, restore them from the run-cache if it has this stage's deps and params
+    (unless forced), else run. Returns whether `command` ran. A failed command puts the outs
+    back (stages/outs.py), as a failed `python -m stages.<name>` does under `dvc repro`."""
+    stage.remove_outs(ignore_remove=False, force=False)
+    try:
+        if force:
+            raise RunCacheNotFoundError(stage)
+        stage.repo.stage_cache.restore(stage)  # logs "Stage '<name>' is cached - skipping run"
+        ran = False
+    except RunCacheNotFoundError:
+        stage.save_deps()
+        try:
+            command()
+        except BaseException:
+            restore_outs(stage)
+            raise
+        ran = True
     stage.save(allow_missing=False, run_cache=not no_commit)
     if not no_commit:
         stage.commit(allow_missing=False)
     stage.dump(update_pipeline=False)
+    return ran
 
 
 def make_repro_fn(record: RunRecord) -> Callable[..., Stage | None]:
@@ -145,14 +156,17 @@ def make_repro_fn(record: RunRecord) -> Callable[..., Stage | None]:
             status, note = "reproduced by DVC", f"`{stage.cmd}`: run, or restored from its cache"
         elif force or stage.changed(kwargs.get("allow_missing", False), upstream):
             command = partial(call_task, stage, stage_task(stage, name), record)
-            run_in_process(stage, command, kwargs.get("no_commit", False))
-            reproduced, status, note = stage, "ran", "its Prefect task, in the flow's process"
+            reproduced = stage
+            if run_in_process(stage, command, force, kwargs.get("no_commit", False)):
+                status, note = "ran", "its Prefect task, in the flow's process"
+            else:
+                status, note = "restored", "outs restored from DVC's run-cache, not rerun"
         else:
             reproduced = None
         if reproduced is None:
             status, note = "up to date", "deps, params and outs match dvc.lock"
         if status != "ran":
-            state_name = "Cached" if reproduced is None else "Completed"
+            state_name = "Completed" if status == "reproduced by DVC" else "Cached"
             stand_in.with_options(name=stage.name)(state_name, note)
         record.stages[stage.name] = StageRecord(status, time.perf_counter() - start, note)
         return reproduced

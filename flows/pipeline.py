@@ -1,4 +1,4 @@
-"""python -m flows.pipeline [--force] [--target STAGE ...] [--wait-for-lock]
+"""python -m flows.pipeline [--force] [--target STAGE ...] [--wait-for-lock] [--pull] [--push]
 
 The whole pipeline as one Prefect flow, `fashion-mnist-pipeline`, sharing DVC's truth.
 
@@ -6,6 +6,9 @@ DVC decides everything `dvc repro` decides (which stages run, in what order, wha
 dvc.lock and the DVC cache); each stage that runs is its module's Prefect task, run in this
 process, so its logs show in the UI. A stage DVC finds up to date shows as a Completed task run
 named `Cached`. flows/dvc_runner.py has the mechanics.
+
+With `--pull` it first takes what the default DVC remote has, so a fresh clone runs only the
+stages whose outs the remote lacks; with `--push` it uploads what it made (flows/remote.py).
 
 A flow run and a `dvc repro` never interleave: the one that comes second fails within seconds
 with a clear "busy" error, or waits if asked to (`--wait-for-lock` here, `dvc --wait-for-lock
@@ -46,6 +49,7 @@ from prefect.settings import (
     temporary_settings,
 )
 
+from flows import remote
 from flows.dvc_runner import RunRecord, reproduce, require_writable_checkout
 from flows.prefect_server import CLIENT_DEFAULTS, ServerWatch, temporary_server
 from stages.config import EVAL_DIR, PARAMS_FILE, load_params
@@ -79,7 +83,7 @@ def tag_this_flow_run(tags: list[str]) -> None:
         client.update_flow_run(run.id, tags=sorted({*run.tags, *tags}))
 
 
-def publish_artifacts(root: Path, record: RunRecord) -> None:
+def publish_artifacts(root: Path, record: RunRecord, transfers: list[str]) -> None:
     metrics_path = root / EVAL_DIR / "metrics.json"
     per_class_path = root / EVAL_DIR / "per_class.csv"
     if metrics_path.is_file() and per_class_path.is_file():
@@ -98,31 +102,48 @@ def publish_artifacts(root: Path, record: RunRecord) -> None:
         f"| {name} | {stage.status} | {stage.seconds:.1f} s | {stage.note} |"
         for name, stage in record.stages.items()
     )
+    remote = "".join(f"- {line}\n" for line in transfers) or "- no pull, no push\n"
     create_markdown_artifact(
         key="pipeline-summary",
         markdown=f"# FashionMNIST pipeline\n\nDevice: `{record.device}`\n\n"
-        f"| stage | status | wall time | note |\n|---|---|---|---|\n{rows}\n",
+        f"| stage | status | wall time | note |\n|---|---|---|---|\n{rows}\n\n"
+        f"## DVC remote\n\n{remote}",
         description="What this run did",
     )
 
 
 @flow(name=FLOW_NAME)
 def pipeline(
-    force: bool = False, targets: list[str] | None = None, wait_for_lock: bool = False
+    force: bool = False,
+    targets: list[str] | None = None,
+    wait_for_lock: bool = False,
+    pull: bool = False,
+    push: bool = False,
 ) -> dict[str, str]:
     """Reproduces the DVC pipeline (or `targets` and what they need), stage by stage as tasks.
 
     force: rerun every stage even when DVC finds it up to date (like `dvc repro --force`).
     targets: stage names to reproduce with their upstream stages (like `dvc repro TARGET`).
     wait_for_lock: wait for a concurrent `dvc repro` or flow run instead of failing at once.
+    pull: first take what the default DVC remote has (`dvc pull --allow-missing --run-cache`).
+    push: afterwards upload the outs and run-cache to it (`dvc push --run-cache`).
     """
     logger = get_run_logger()
     logger.info("flow run id %s", flow_run.id)
     root = Path(Repo.find_root())
     load_params(root / PARAMS_FILE)  # a bad params.yaml stops the run before any stage
     tag_this_flow_run(code_and_params_tags(root))
+    if pull or push:
+        remote.require_remote(root)  # before any stage runs, not after
+    transfers = []
+    if pull:
+        transfers.append(remote.pull(root).describe("pulled"))
+        logger.info("%s", transfers[-1])
     record = reproduce(root, targets, force, wait_for_lock)
-    publish_artifacts(root, record)
+    if push:
+        transfers.append(remote.push(root).describe("pushed"))
+        logger.info("%s", transfers[-1])
+    publish_artifacts(root, record, transfers)
     summary = {name: stage.status for name, stage in record.stages.items()}
     logger.info("stages: %s", ", ".join(f"{k} {v}" for k, v in summary.items()))
     return summary
@@ -157,7 +178,13 @@ def run(args: argparse.Namespace) -> int:
                 temporary_settings(updates={PREFECT_API_URL: url}, set_defaults=CLIENT_DEFAULTS)
             )
             watch = stack.enter_context(ServerWatch(url))
-            pipeline(force=args.force, targets=args.targets, wait_for_lock=args.wait_for_lock)
+            pipeline(
+                force=args.force,
+                targets=args.targets,
+                wait_for_lock=args.wait_for_lock,
+                pull=args.pull,
+                push=args.push,
+            )
     except (StageStopped, Exception) as exc:
         return report(exc, watch)
     return 0

@@ -1,4 +1,4 @@
-"""python -m flows.serve [--cron "0 3 * * *"] [--timezone UTC]
+"""python -m flows.serve [--cron "0 3 * * *"] [--timezone UTC] [--pull] [--push]
 
 Registers the deployment `fashion-mnist-pipeline/scheduled` on a running Prefect server and serves
 it: runs come from the cron schedule, or from "Run" in the Prefect UI, and execute here, in this
@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         schedules=[Cron(args.cron, timezone=args.timezone)],
         description="The FashionMNIST DVC pipeline, run stage by stage as Prefect tasks",
         tags=["fashion-mnist"],
+        # the defaults of the runs the schedule starts; "Run" in the UI can change them
+        parameters={"pull": args.pull, "push": args.push},
         limit=1,  # one run at a time; DVC's lock would refuse a second anyway
     )
     return 0

@@ -22,7 +22,7 @@ import psutil
 import torch
 
 from stages.errors import StageError
-from stages.inputs import before_replacing
+from stages.inputs import before_replacing, read_spec
 from stages.signals import deferred
 
 
@@ -260,11 +260,20 @@ def load_torch(path: Path) -> Any:
 STAGES_SOURCE = Path(__file__).resolve().parent
 
 
-def source_digest() -> str:
-    """sha256 over the stage code (stages/*.py): which code produced an artifact."""
+def source_digest(stage: str = "train") -> str:
+    """sha256 over the code `stage` runs: the .py deps dvc.yaml lists for it (its module and
+    each shared one it imports), else all of stages/*.py. DVC reruns the stage when one of those
+    changes, and only then, so the digest moves with dvc.lock: an edit of code the stage does
+    not run (stages/predict.py) changes neither."""
+    root = STAGES_SOURCE.parent
+    spec = read_spec(stage, root / "dvc.yaml")
+    if spec is None:
+        files = [path.relative_to(root) for path in STAGES_SOURCE.glob("*.py")]
+    else:
+        files = [path for path in spec.deps if path.suffix == ".py"]
     digest = hashlib.sha256()
-    for path in sorted(STAGES_SOURCE.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(files, key=lambda p: p.name):
+        digest.update(path.name.encode() + b"\0" + (root / path).read_bytes())
     return digest.hexdigest()
 
 

@@ -24,6 +24,7 @@ from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary
 from stages.config import load_params
 from stages.errors import StageError
 from stages.inputs import watching_inputs
+from stages.outs import restoring_outs
 from stages.signals import StageStopped, stop_on_signals
 
 
@@ -126,8 +127,9 @@ def run_cli(stage_task: Any, args: argparse.Namespace) -> int:
     """Validates the params file, runs the stage; returns the exit code.
 
     `args` comes from `stages.cli.parse_args`, which each stage calls before its heavy imports.
-    SIGTERM and SIGINT stop the stage within a batch or so, replacing no out (train keeps its
-    last checkpoint, so the next run resumes), with exit code 128 + the signal number.
+    SIGTERM and SIGINT stop the stage within a batch or so, with exit code 128 + the signal
+    number (train keeps its last checkpoint, so the next run resumes). A stage DVC runs that
+    fails or stops puts back the outs DVC removed before it ran (stages/outs.py).
     """
     name = stage_task.name
     stop_on_signals()
@@ -136,25 +138,26 @@ def run_cli(stage_task: Any, args: argparse.Namespace) -> int:
     logging.getLogger("stages").setLevel(logging.INFO)
     log = stage_logger(name)
     try:
-        params = load_params(args.params)
-        api_url = prefect_api_url()
-        if api_url:
-            require_prefect_server(api_url)
-        as_task_run = bool(api_url)
-        log.info(
-            "%s: starting %.2f s after process start (as a Prefect task run: %s)",
-            name,
-            time.time() - psutil.Process().create_time(),
-            as_task_run,
-        )
-        with watching_inputs(name, params, args.params):
-            if not as_task_run:
-                stage_task.fn(params)
-                return 0
-            # A task run outside any flow run has nowhere to send its logs: keep them on the
-            # console.
-            with temporary_settings({PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}):
-                stage_task(params)
+        with restoring_outs(name):
+            params = load_params(args.params)
+            api_url = prefect_api_url()
+            if api_url:
+                require_prefect_server(api_url)
+            as_task_run = bool(api_url)
+            log.info(
+                "%s: starting %.2f s after process start (as a Prefect task run: %s)",
+                name,
+                time.time() - psutil.Process().create_time(),
+                as_task_run,
+            )
+            with watching_inputs(name, params, args.params):
+                if not as_task_run:
+                    stage_task.fn(params)
+                    return 0
+                # A task run outside any flow run has nowhere to send its logs: keep them on the
+                # console.
+                with temporary_settings({PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}):
+                    stage_task(params)
     except StageError as exc:
         print(f"error: {name}: {exc}", file=sys.stderr)
         return 1

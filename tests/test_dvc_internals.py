@@ -15,11 +15,13 @@ from typing import Any
 import pytest
 from dvc.dvcfile import ProjectFile
 from dvc.lock import LockError
+from dvc.output import Output
 from dvc.repo import Repo, lock_repo
 from dvc.repo.reproduce import _reproduce_stage
+from dvc.repo.stage import StageLoad
 from dvc.rwlock import rwlock
 from dvc.stage import Stage
-from dvc.stage.cache import _can_hash
+from dvc.stage.cache import StageCache, _can_hash
 
 from flows.dvc_runner import hold_pipeline, run_in_process
 
@@ -31,6 +33,11 @@ SIGNATURES: dict[str, tuple[Any, list[str]]] = {
     "dvc.stage.Stage.changed": (Stage.changed, ["self", "allow_missing", "upstream"]),
     "dvc.stage.Stage.remove_outs": (Stage.remove_outs, ["self", "ignore_remove", "force"]),
     "dvc.stage.Stage.save": (Stage.save, ["self", "allow_missing", "run_cache"]),
+    "dvc.stage.Stage.save_deps": (Stage.save_deps, ["self"]),
+    "dvc.stage.cache.StageCache.restore": (StageCache.restore, ["self", "stage"]),
+    # stages/outs.py: a failed stage's outs, put back as dvc.lock records them
+    "dvc.output.Output.checkout": (Output.checkout, ["self", "force"]),
+    "dvc.repo.stage.StageLoad.load_one": (StageLoad.load_one, ["self", "path", "name"]),
     "dvc.stage.Stage.commit": (Stage.commit, ["self", "allow_missing"]),
     # Stage.dump(**kwargs) hands update_pipeline on to the dvc.yaml file's dump.
     "dvc.dvcfile.ProjectFile.dump": (ProjectFile.dump, ["self", "stage", "update_pipeline"]),
@@ -58,7 +65,7 @@ COPY_UPPER = "open('out.txt', 'w').write(open('in.txt').read().upper())"
 
 
 def toy_repo(root: Path) -> Repo:
-    """A DVC repo (no git) with one stage: `python -c ...` writing a persisted out."""
+    """A DVC repo (no git) with one stage: `python -c ...` writing an out."""
     root.mkdir()
     os.chdir(root)
     Repo.init(str(root), no_scm=True).close()
@@ -68,9 +75,7 @@ def toy_repo(root: Path) -> Repo:
         "  copy:\n"
         f'    cmd: {sys.executable} -c "{COPY_UPPER}"\n'
         "    deps: [in.txt]\n"
-        "    outs:\n"
-        "      - out.txt:\n"
-        "          persist: true\n"
+        "    outs: [out.txt]\n"
     )
     return Repo(str(root))
 
@@ -94,15 +99,33 @@ def test_in_process_steps_leave_the_lock_dvc_repro_leaves(tmp_path: Path) -> Non
         repo.reproduce()
     with toy_repo(tmp_path / "by_hook") as repo, hold_pipeline(repo, wait=False):
         (stage,) = repo.index.stages
-        assert not _can_hash(stage), "DVC's run cache now takes persisted outs: consult it"
+        assert _can_hash(stage), "DVC's run cache no longer takes this stage: see run_in_process"
         assert stage.changed(False, None), "Stage.changed: a new stage is not seen as changed"
         dvc_yaml = (tmp_path / "by_hook" / "dvc.yaml").read_text()
         out = Path(repo.root_dir) / "out.txt"
-        run_in_process(stage, lambda: out.write_text("INPUT\n"), no_commit=False)
+        ran = run_in_process(stage, lambda: out.write_text("INPUT\n"), force=False, no_commit=False)
+        assert ran, "run_in_process restored a stage that never ran from DVC's run-cache"
         assert not stage.changed(False, None), "Stage.save/commit/dump left the stage changed"
         assert (tmp_path / "by_hook" / "dvc.yaml").read_text() == dvc_yaml, "dump rewrote dvc.yaml"
     by_dvc = (tmp_path / "by_dvc" / "dvc.lock").read_text()
     assert (tmp_path / "by_hook" / "dvc.lock").read_text() == by_dvc
+
+
+def test_going_back_to_inputs_that_ran_restores_from_the_run_cache(tmp_path: Path) -> None:
+    ran: list[str] = []
+
+    def upper() -> None:
+        ran.append(Path("in.txt").read_text())
+        Path("out.txt").write_text(Path("in.txt").read_text().upper())
+
+    with toy_repo(tmp_path / "repo") as repo, hold_pipeline(repo, wait=False):
+        for text in ("input\n", "other\n", "input\n"):
+            Path("in.txt").write_text(text)
+            repo._reset()
+            (stage,) = repo.index.stages
+            run_in_process(stage, upper, force=False, no_commit=False)
+    assert ran == ["input\n", "other\n"], "the third run did not come from DVC's run-cache"
+    assert Path("out.txt").read_text() == "INPUT\n"
 
 
 def test_dvcs_own_step_runs_under_the_flows_locks(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from stages.train import train
 from .helpers.repo import copy_repo
 from .helpers.tools import run, tool_env
 
-PERSISTED = "    outs:\n      - {}:\n          persist: true\n"
+OUTS = "    outs:\n      - {}\n"
 
 
 def repo_with(root: Path, stages: str, monkeypatch: pytest.MonkeyPatch) -> Repo:
@@ -38,7 +38,7 @@ def only_stage(repo: Repo) -> Any:
 def test_a_stage_module_command_maps_to_its_task(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stage = "  train:\n    cmd: python -m stages.train\n" + PERSISTED.format("w.pth")
+    stage = "  train:\n    cmd: python -m stages.train\n" + OUTS.format("w.pth")
     with repo_with(tmp_path / "repo", stage, monkeypatch) as repo:
         name = runner.in_process_name(only_stage(repo))
         assert name == "train"
@@ -50,7 +50,7 @@ def test_a_stage_module_command_maps_to_its_task(
     [
         "  shout:\n    cmd: echo hi > out.txt\n    outs: [out.txt]\n",
         # DVC only checks a frozen stage's outs; its own step does that.
-        "  train:\n    cmd: python -m stages.train\n    frozen: true\n" + PERSISTED.format("w.pth"),
+        "  train:\n    cmd: python -m stages.train\n    frozen: true\n" + OUTS.format("w.pth"),
     ],
     ids=["other-command", "frozen"],
 )
@@ -65,10 +65,6 @@ def test_other_stages_take_dvcs_own_step(
     ("stage", "message"),
     [
         ("  errors:\n    cmd: python -m stages.errors\n", "defines no Prefect task `errors`"),
-        (
-            "  train:\n    cmd: python -m stages.train\n    outs: [w.pth]\n",
-            "outs w.pth lack `persist: true`",
-        ),
     ],
 )
 def test_a_stage_the_flow_cannot_run_like_dvc_is_refused(
@@ -91,7 +87,7 @@ def test_record_says_what_dvc_did_with_a_command_stage(
         "with_options",
         lambda name: lambda state, note: stand_ins.append((name, state)),
     )
-    stage = "  shout:\n    cmd: echo hi > out.txt\n" + PERSISTED.format("out.txt")
+    stage = "  shout:\n    cmd: echo hi > out.txt\n" + OUTS.format("out.txt")
     record = runner.RunRecord()
     with repo_with(tmp_path / "repo", stage, monkeypatch) as repo, lock_repo(repo):
         repro_fn = runner.make_repro_fn(record)
@@ -110,7 +106,7 @@ def test_record_says_what_dvc_did_with_a_command_stage(
 def test_a_second_run_is_busy_while_one_holds_the_pipeline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stage = "  shout:\n    cmd: echo hi > out.txt\n" + PERSISTED.format("out.txt")
+    stage = "  shout:\n    cmd: echo hi > out.txt\n" + OUTS.format("out.txt")
     second = (
         "from dvc.repo import Repo; from flows.dvc_runner import hold_pipeline\n"
         "with Repo('.') as repo, hold_pipeline(repo, wait=False): pass"

@@ -107,8 +107,9 @@ def test_sigkill_at_random_moments_in_every_stage_loses_nothing(
     pipeline: tuple[Path, str], tmp_path: Path, real_mirror: Path
 ) -> None:
     """Each stage is killed on its first run (so it has no outs yet; train twice) and while a
-    forced rerun replaces outs it already has. After every kill the outs DVC recorded are
-    intact, and `dvc repro` finishes with the unbroken run's hashes. A killed writer's
+    forced rerun replaces outs it already has. After every kill dvc.lock and the cache are
+    intact: `dvc repro` finishes with the unbroken run's hashes, and after a killed rerun it
+    takes the outs from its run-cache without running the stage. A killed writer's
     temporaries may stay (git ignores them) until that out is next written."""
     rng = random.Random(int(os.environ.get("KILL_SEED", "0")))
     expected = outs_by_stage(pipeline[0])
@@ -132,7 +133,11 @@ def test_sigkill_at_random_moments_in_every_stage_loses_nothing(
         time.sleep(rng.uniform(0, WORK_S[stage]))
         if runner.kill_stage(stage):
             kills.append(f"{stage} (forced rerun)")
-        status = dvc(repo, "status", stage)  # the recorded outs are still there, whole
+        assert outs_by_stage(repo)[stage] == expected[stage]
+        # DVC removed the outs before the rerun; after a SIGKILL its run-cache brings them back.
+        restored = dvc(repo, "repro", stage, **mirror)
+        assert stage not in stages_run(restored.stdout), restored.stdout
+        status = dvc(repo, "status", stage)
         assert "Data and pipelines are up to date" in status.stdout, status.stdout
     final = dvc(repo, "repro", **mirror)
     assert outs_by_stage(repo) == expected

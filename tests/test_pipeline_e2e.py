@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from .helpers.tools import REPO, dvc, run, stages_run, tool_env
 pytestmark = pytest.mark.e2e
 
 STAGES = ["validate", "download", "preprocess", "train", "evaluate", "export"]
+TRAINED, EXPORTED = "models/train/model_weights.pth", "models/model_weights.pth"
 OUTS = [
     "data/raw/train-images-idx3-ubyte.gz",
     "data/processed/train.pt",
@@ -36,6 +38,7 @@ OUTS = [
     "reports/evaluate/training_curves.png",
     "models/model_weights.pth",
     "models/model.safetensors",
+    "models/model.onnx",
     "models/model_card.json",
     "models/model_card.md",
 ]
@@ -80,14 +83,32 @@ def test_forced_rerun_is_byte_identical(pipeline_copy: Path, real_mirror: Path) 
     assert (pipeline_copy / "dvc.lock").read_bytes() == lock
 
 
-def test_learning_rate_change_reruns_train_evaluate_export(pipeline_copy: Path) -> None:
+def test_a_learning_rate_change_reruns_train_and_going_back_takes_the_run_cache(
+    pipeline_copy: Path,
+) -> None:
+    first = (pipeline_copy / "params.yaml").read_text()
+    weights = {out: (pipeline_copy / out).read_bytes() for out in (TRAINED, EXPORTED)}
     edit_params(pipeline_copy, train={"learning_rate": 0.002})
     status = dvc(pipeline_copy, "status").stdout
     assert re.search(r"^train:\n(\s+.*\n)*?\s+modified:\s+train$", status, re.M), status
     assert not re.search(r"^(download|preprocess):", status, re.M), status
     assert re.search(r"^validate:", status, re.M), status  # it checks every params edit
+    start = time.perf_counter()
     result = dvc(pipeline_copy, "repro")
+    changed_s = time.perf_counter() - start
     assert stages_run(result.stdout) == ["validate", "train", "evaluate", "export"]
+
+    (pipeline_copy / "params.yaml").write_text(first)
+    start = time.perf_counter()
+    back = dvc(pipeline_copy, "repro")
+    back_s = time.perf_counter() - start
+    assert stages_run(back.stdout) == ["validate"], back.stdout  # validate has no outs to cache
+    for stage in ("train", "evaluate", "export"):
+        assert f"Stage '{stage}' is cached - skipping run" in back.stdout, back.stdout
+    assert {out: (pipeline_copy / out).read_bytes() for out in weights} == weights
+    assert "up to date" in dvc(pipeline_copy, "status").stdout
+    print(f"dvc repro: {changed_s:.1f} s after the change, {back_s:.1f} s going back")
+    assert back_s < changed_s
 
 
 def test_stage_help_starts_with_its_command() -> None:
