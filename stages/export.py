@@ -69,6 +69,7 @@ METRIC_KEYS = {"accuracy", "loss", "macro_f1"}
 # onnxruntime that pyproject.toml allows (>= 1.20) runs it.
 ONNX_OPSET = 18
 ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 # What the ONNX file must reproduce on the whole test split. float32 logits of this network differ
 # by a few 1e-6 between two correct implementations; 1e-4 still catches a wrong weight or op.
 ONNX_MAX_ABS_DIFF = 1e-4
@@ -235,6 +236,12 @@ def onnx_bytes(model: nn.Module) -> bytes:
     proto = program.model_proto
     # "2.14.1", not "2.14.1+cu130": the CPU and CUDA builds of one torch write the same bytes.
     proto.producer_version = proto.producer_version.split("+")[0]
+    # Each node's stack trace names the absolute path of stages/model.py: the bytes would then
+    # depend on where the checkout is. The rest of its provenance does not, and stays.
+    for node in proto.graph.node:
+        kept = [prop for prop in node.metadata_props if prop.key != STACK_TRACE_KEY]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
     return proto.SerializeToString()
 
 
