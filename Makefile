@@ -10,6 +10,8 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
+# `dvc artifacts get` asks DVC Studio first whenever a Studio token is configured.
+export DVC_STUDIO_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export ORT_DISABLE_TELEMETRY := 1

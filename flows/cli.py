@@ -7,9 +7,12 @@ Prefect (seconds), so `--help` and a bad argument answer at once.
 from __future__ import annotations
 
 import argparse
+import re
+import time
 from collections.abc import Sequence
 
 DEFAULT_CRON = "0 3 * * *"  # every day at 03:00
+BAD_ARGUMENTS = 2  # argparse's exit code, also for arguments found bad after parsing
 
 
 def _parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
@@ -61,3 +64,50 @@ def serve_args(doc: str | None, argv: Sequence[str] | None = None) -> argparse.N
         "--push", action="store_true", help="each run pushes what it made to that remote"
     )
     return parser.parse_args(argv)
+
+
+# An experiment name is a git ref (refs/exps/.../<name>): letters, digits, `_` and `-` are always
+# allowed there, and a leading letter keeps it from looking like a commit.
+SWEEP_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,59}")
+
+
+def sweep_name(text: str) -> str:
+    if not SWEEP_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a letter, then up to 59 letters, digits, '_' or '-'"
+        )
+    return text
+
+
+def sweep_args(doc: str | None, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The sweep's command line; standard library only, so --help answers before DVC loads."""
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.sweep",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        dest="settings",
+        required=True,
+        metavar="SECTION.KEY=V1[,V2...]",
+        help="a params.yaml key and its values, as for `dvc exp run -S` (repeatable; "
+        "every combination of all --set values runs)",
+    )
+    parser.add_argument(
+        "--name",
+        type=sweep_name,
+        default=None,
+        help="the sweep's name: experiments are NAME-1, NAME-2, ... and the leaderboard is "
+        "sweeps/NAME.csv (default: sweep-YYYYMMDD-HHMMSS, in UTC)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the --set values and list the experiments, without running them",
+    )
+    args = parser.parse_args(argv)
+    if args.name is None:
+        args.name = time.strftime("sweep-%Y%m%d-%H%M%S", time.gmtime())
+    return args

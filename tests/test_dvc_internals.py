@@ -22,6 +22,7 @@ from dvc.repo.stage import StageLoad
 from dvc.rwlock import rwlock
 from dvc.stage import Stage
 from dvc.stage.cache import StageCache, _can_hash
+from dvc.utils.hydra import apply_overrides, get_hydra_sweeps, to_hydra_overrides
 
 from flows.dvc_runner import hold_pipeline, run_in_process
 
@@ -38,6 +39,10 @@ SIGNATURES: dict[str, tuple[Any, list[str]]] = {
     # stages/outs.py: a failed stage's outs, put back as dvc.lock records them
     "dvc.output.Output.checkout": (Output.checkout, ["self", "force"]),
     "dvc.repo.stage.StageLoad.load_one": (StageLoad.load_one, ["self", "path", "name"]),
+    # flows/sweep.py expands and applies --set as `dvc exp run -S` does
+    "dvc.utils.hydra.apply_overrides": (apply_overrides, ["path", "overrides"]),
+    "dvc.utils.hydra.get_hydra_sweeps": (get_hydra_sweeps, ["path_overrides"]),
+    "dvc.utils.hydra.to_hydra_overrides": (to_hydra_overrides, ["path_overrides"]),
     "dvc.stage.Stage.commit": (Stage.commit, ["self", "allow_missing"]),
     # Stage.dump(**kwargs) hands update_pipeline on to the dvc.yaml file's dump.
     "dvc.dvcfile.ProjectFile.dump": (ProjectFile.dump, ["self", "stage", "update_pipeline"]),

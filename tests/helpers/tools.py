@@ -17,6 +17,7 @@ VENV_BIN = Path(sys.executable).parent
 QUIET_ENV = {
     "DO_NOT_TRACK": "1",
     "DVC_NO_ANALYTICS": "1",
+    "DVC_STUDIO_OFFLINE": "1",  # `dvc artifacts get` asks DVC Studio first when it has a token
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "ORT_DISABLE_TELEMETRY": "1",
