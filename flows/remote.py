@@ -68,15 +68,15 @@ def _failed(action: str, name: str, url: str, exc: BaseException) -> RemoteError
     )
 
 
-def missing_outs(repo: Repo) -> list[str]:
+def missing_outs(root: Path) -> list[str]:
     """The outs dvc.lock records that are not in the workspace."""
-    repo._reset()  # the index as it is now, after the checkout
-    return sorted(
-        str(out)
-        for stage in repo.index.stages
-        for out in stage.outs
-        if out.use_cache and out.hash_info and not out.exists
-    )
+    with Repo(str(root)) as repo:
+        return sorted(
+            str(out)
+            for stage in repo.index.stages
+            for out in stage.outs
+            if out.use_cache and out.hash_info and not out.exists
+        )
 
 
 def pull(root: Path) -> Transfer:
@@ -90,8 +90,8 @@ def pull(root: Path) -> Transfer:
             raise RemoteError(f"{exc}; {SETUP_HINT}") from exc
         except Exception as exc:  # noqa: BLE001 - botocore, ssh, OS errors: all name the remote
             raise _failed("pulling from", name, url, exc) from exc
-        transfer.files = int(stats.get("fetched", 0))
-        transfer.missing = missing_outs(repo)
+        transfer.files = int(stats.get("stats", {}).get("fetched", 0))
+    transfer.missing = missing_outs(root)
     for out in transfer.missing:
         log.warning("remote `%s` lacks %s: the stage that makes it runs", name, out)
     return transfer
