@@ -31,15 +31,11 @@ if __name__ == "__main__":  # --help and a bad argument answer before DVC and Pr
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-import httpx  # Prefect's client is built on it: its errors are what a failed API call raises
 import pandas as pd
-from dvc.exceptions import DvcException
 from dvc.repo import Repo
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -51,9 +47,8 @@ from prefect.settings import (
 
 from flows import remote
 from flows.dvc_runner import RunRecord, reproduce, require_writable_checkout
-from flows.prefect_server import CLIENT_DEFAULTS, ServerWatch, temporary_server
+from flows.prefect_server import CLIENT_DEFAULTS, ServerWatch, report_end, temporary_server
 from stages.config import EVAL_DIR, PARAMS_FILE, load_params
-from stages.errors import StageError
 from stages.runtime import prefect_api_url, require_prefect_server
 from stages.signals import StageStopped, stop_on_signals
 
@@ -191,38 +186,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def report(exc: BaseException, watch: ServerWatch | None) -> int:
-    """Prints the one `error:` line for why the run ended early; its exit code.
-
-    When the server went away, this ends the process at once (os._exit): all that is left to do
-    is what Prefect does at exit, sending its queued logs and events to that server, retrying
-    each for seconds.
-    """
-    if watch is not None and watch.gone:
-        print(
-            f"error: the Prefect server went away mid-run: {watch.gone}; the flow stopped: {KEPT}; "
-            "start the server again and rerun",
-            file=sys.stderr,
-        )
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-    if isinstance(exc, StageStopped):
-        print(f"error: flow {FLOW_NAME}: stopped by {exc}; {KEPT}", file=sys.stderr)
-        return 128 + exc.signum
-    if isinstance(exc, httpx.HTTPError):
-        url = watch.url if watch else prefect_api_url()
-        print(
-            f"error: a request to the Prefect server at PREFECT_API_URL={url} failed "
-            f"({type(exc).__name__}: {exc}); the flow stopped: {KEPT}",
-            file=sys.stderr,
-        )
-        return 1
-    if isinstance(exc, (StageError, DvcException)):
-        # DVC wraps a failed stage's error ("failed to reproduce 'train'"): show both.
-        cause = f": {exc.__cause__}" if isinstance(exc.__cause__, StageError) else ""
-        print(f"error: {exc}{cause}", file=sys.stderr)
-        return 1
-    raise exc
+    return report_end(exc, watch, FLOW_NAME, KEPT)
 
 
 if __name__ == "__main__":

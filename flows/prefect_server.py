@@ -165,3 +165,46 @@ class ServerWatch:
                     # on, and a stage stops within a batch, replacing no out.
                     signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             return
+
+
+def report_end(exc: BaseException, watch: ServerWatch | None, flow_name: str, kept: str) -> int:
+    """Prints the one `error:` line for why flow `flow_name` ended early; its exit code.
+    `kept` says what the run leaves behind. Raises `exc` if it is none of these.
+
+    When the server went away, this ends the process at once (os._exit): all that is left to do
+    is what Prefect does at exit, sending its queued logs and events to that server, retrying
+    each for seconds.
+    """
+    import httpx  # Prefect's client is built on it: its errors are what a failed API call raises
+    from dvc.exceptions import DvcException
+
+    from stages.errors import StageError
+    from stages.runtime import prefect_api_url
+    from stages.signals import StageStopped
+
+    if watch is not None and watch.gone:
+        print(
+            f"error: the Prefect server went away mid-run: {watch.gone}; the flow stopped: {kept}; "
+            "start the server again and rerun",
+            file=sys.stderr,
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    if isinstance(exc, StageStopped):
+        print(f"error: flow {flow_name}: stopped by {exc}; {kept}", file=sys.stderr)
+        return 128 + exc.signum
+    if isinstance(exc, httpx.HTTPError):
+        url = watch.url if watch else prefect_api_url()
+        print(
+            f"error: a request to the Prefect server at PREFECT_API_URL={url} failed "
+            f"({type(exc).__name__}: {exc}); the flow stopped: {kept}",
+            file=sys.stderr,
+        )
+        return 1
+    if isinstance(exc, (StageError, DvcException)):
+        # DVC wraps a failed stage's error ("failed to reproduce 'train'"): show both.
+        cause = f": {exc.__cause__}" if isinstance(exc.__cause__, StageError) else ""
+        print(f"error: {exc}{cause}", file=sys.stderr)
+        return 1
+    raise exc

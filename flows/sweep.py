@@ -52,7 +52,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx  # Prefect's client is built on it: its errors are what a failed API call raises
 import pandas as pd
 from dvc.exceptions import DvcException
 from dvc.repo import Repo
@@ -68,7 +67,13 @@ from prefect.states import Failed, State
 from ruamel.yaml import YAML
 
 from flows.dvc_runner import require_writable_checkout
-from flows.prefect_server import CLIENT_DEFAULTS, ServerWatch, stop_server, temporary_server
+from flows.prefect_server import (
+    CLIENT_DEFAULTS,
+    ServerWatch,
+    report_end,
+    stop_server,
+    temporary_server,
+)
 from stages.config import EVAL_DIR, LIVE_DIR, PARAMS_FILE, ParamsError, load_params
 from stages.errors import StageError
 from stages.runtime import prefect_api_url, require_prefect_server
@@ -532,31 +537,10 @@ KEPT = (
 
 def report(exc: BaseException, watch: ServerWatch | None) -> int:
     """Prints the one `error:` line for why the sweep ended early or failed; its exit code."""
-    if watch is not None and watch.gone:
-        print(
-            f"error: the Prefect server went away mid-sweep: {watch.gone}; {KEPT}", file=sys.stderr
-        )
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)  # as flows.pipeline: only Prefect's retries to a dead server would follow
-    if isinstance(exc, StageStopped):
-        print(f"error: flow {FLOW_NAME}: stopped by {exc}; {KEPT}", file=sys.stderr)
-        return 128 + exc.signum
-    if isinstance(exc, SweepArgumentError):
+    if isinstance(exc, SweepArgumentError) and not (watch is not None and watch.gone):
         print(f"error: {exc}", file=sys.stderr)
         return BAD_ARGUMENTS
-    if isinstance(exc, httpx.HTTPError):
-        url = watch.url if watch else prefect_api_url()
-        print(
-            f"error: a request to the Prefect server at PREFECT_API_URL={url} failed "
-            f"({type(exc).__name__}: {exc}); {KEPT}",
-            file=sys.stderr,
-        )
-        return 1
-    if isinstance(exc, StageError | DvcException):
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    raise exc
+    return report_end(exc, watch, FLOW_NAME, KEPT)
 
 
 if __name__ == "__main__":

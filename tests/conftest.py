@@ -13,7 +13,7 @@ import pytest
 
 from stages.config import Params, parse_params
 
-from .helpers.data import write_mirror
+from .helpers.data import TINY_PARAMS, write_mirror
 from .helpers.mirror import RealMirror, find_real_mirror
 from .helpers.prefect import running_server
 from .helpers.repo import SMALL, clone_pipeline, copy_repo, edit_params
@@ -36,26 +36,7 @@ def raw_dir(synthetic_mirror: tuple[Path, list[tuple[str, str]]]) -> Path:
 
 @pytest.fixture
 def small_params() -> Params:
-    return parse_params(
-        {
-            "device": "cpu",
-            "download": {"retries": 2, "backoff_s": 0.0, "timeout_s": 5.0},
-            "preprocess": {"val_fraction": 0.25},
-            # The earlier Adam defaults: on 90 images they learn steadily, where the defaults'
-            # one-cycle peak rate of 0.1 is tuned for 54,000.
-            "train": {
-                "epochs": 2,
-                "batch_size": 16,
-                "num_threads": 1,
-                "optimizer": "adam",
-                "learning_rate": 1e-3,
-                "scheduler": "none",
-                "weight_decay": 0.0,
-                "label_smoothing": 0.0,
-            },
-            "evaluate": {"batch_size": 32},
-        }
-    )
+    return parse_params(TINY_PARAMS)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from stages.fashion_mnist import CLASSES, IMAGE_SIDE, RAW_FILES, load_split
 from stages.preprocess import preprocess
 from stages.train import train
 
-from .helpers.data import write_mirror
+from .helpers.data import TINY_PARAMS, write_mirror
 from .helpers.tools import REPO, tool_env
 
 
@@ -29,24 +29,7 @@ from .helpers.tools import REPO, tool_env
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project folder as the pipeline leaves it: data/raw, data/processed and models/."""
     root = tmp_path_factory.mktemp("project")
-    # conftest's small_params, which is function-scoped.
-    params = parse_params(
-        {
-            "device": "cpu",
-            "preprocess": {"val_fraction": 0.25},
-            "train": {
-                "epochs": 2,
-                "batch_size": 16,
-                "num_threads": 1,
-                "optimizer": "adam",
-                "learning_rate": 1e-3,
-                "scheduler": "none",
-                "weight_decay": 0.0,
-                "label_smoothing": 0.0,
-            },
-            "evaluate": {"batch_size": 32},
-        }
-    )
+    params = parse_params(TINY_PARAMS)  # conftest's small_params is function-scoped
     write_mirror(root / "data" / "raw")
     preprocess.fn(params, root / "data" / "raw", root / "data" / "processed")
     weights = root / "models" / "train" / "model_weights.pth"
