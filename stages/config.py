@@ -100,6 +100,9 @@ class TrainParams(Section):
     num_threads: Annotated[int, Field(ge=0)] = 0  # 0: one per physical core
     checkpoint_every_steps: Annotated[int, Field(ge=0)] = 0  # 0: at the end of each epoch only
     deterministic: bool = False  # CUDA: deterministic kernels (the CPU path always is)
+    # Data-parallel training (docs/ddp.md): 1 trains in this process, as always; N > 1 starts N
+    # workers with torchrun, each on its share of every global batch of batch_size images.
+    nproc_per_node: Annotated[int, Field(ge=1)] = 1
 
 
 class EvaluateParams(Section):

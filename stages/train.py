@@ -12,7 +12,8 @@ smoothing included, averaged over the epoch's batches), val/loss_train_objective
 objective on the validation split after the epoch), val/loss (plain cross-entropy) and
 val/accuracy. It checkpoints to models/checkpoints/train.pt after each epoch (and every
 train.checkpoint_every_steps batches); a rerun with the same params, data and code resumes from
-there, and a finished run deletes it.
+there, and a finished run deletes it. With train.nproc_per_node > 1 it trains on that many
+data-parallel workers started with torchrun, rank 0 writing (stages/distributed.py, docs/ddp.md).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from stages import numerics
+from stages import distributed, numerics
 from stages.artifacts import (
     atomic_dir,
     atomic_paths,
@@ -238,8 +239,11 @@ class Checkpoints:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     generators: dict[str, torch.Generator | None]
     device: torch.device
+    write: bool = True  # False on data-parallel ranks other than 0: they resume, never save
 
     def save(self, progress: Progress) -> None:
+        if not self.write:
+            return
         trained = training_state(
             self.model, self.optimizer, self.scheduler, self.generators, self.device
         )
@@ -407,7 +411,24 @@ def train(
     hp = params.train
     configure_determinism(hp.deterministic, logger)
     device = resolve_device(params.device, logger)
-    num_threads = configure_threads(hp.num_threads, logger)
+    distributed.check_nproc(hp.nproc_per_node, params.device, device)
+    ddp = None  # train.nproc_per_node > 1: this process starts the workers, or is one of them
+    if hp.nproc_per_node > 1:
+        if not distributed.is_worker():
+            paths = {
+                "processed_dir": processed_dir,
+                "weights_path": weights_path,
+                "live_dir": live_dir,
+                "checkpoint_path": checkpoint_path,
+            }
+            return distributed.launch(params, paths, logger)
+        ddp = distributed.start(device, logger)
+        device = ddp.device
+        if not ddp.writes:  # rank 0 writes the outs; the others write theirs to scratch
+            weights_path, live_dir = ddp.scratch / TRAINED_WEIGHTS.name, ddp.scratch / "live"
+    num_threads = configure_threads(
+        hp.num_threads if ddp is None else ddp.threads(hp.num_threads), logger
+    )
     numerics.configure_torch()
     log_numerics(device, logger)
     record_path = Path(weights_path).with_name(RECORD_FILE)
@@ -417,6 +438,8 @@ def train(
     augment = make_augment(hp, params.seed)
     train_loader, val_loader = make_loaders(processed_dir, params, device, order_generator, augment)
     steps_per_epoch = len(train_loader)
+    if ddp is not None:
+        distributed.check_batches(len(train_loader.dataset), hp.batch_size, ddp.world)
     sampler = train_loader.batch_sampler
     assert isinstance(sampler, IndexBatchSampler)  # it skips a resumed epoch's done batches
 
@@ -426,14 +449,21 @@ def train(
     scheduler = make_scheduler(optimizer, hp, steps_per_epoch)
     generators = {"order": order_generator, "augment": augment.generator if augment else None}
     data_digests = processed_inputs(processed_dir)
-    run_fingerprints = fingerprints(params, device, num_threads, data_digests)
+    run_fingerprints = fingerprints(
+        params, device if ddp is None else ddp.shared_device(), num_threads, data_digests
+    )
     checkpoints = Checkpoints(
         checkpoint_path, run_fingerprints, model, optimizer, scheduler, generators, device
     )
+    if ddp is not None:
+        checkpoints.write = ddp.writes
     progress = checkpoints.resume(logger, steps_per_epoch)
     if progress is None:
         progress = Progress(epoch=1, order=order_generator.get_state())
     after_batch = AfterBatch(progress, checkpoints, steps_per_epoch, hp)
+    loop, trained = train_loop, model  # data-parallel: its loop, on the DDP-wrapped model
+    if ddp is not None:
+        loop, trained = ddp.train_loop, ddp.wrap(model)
 
     logger.info(
         "training %d epochs on %d images, batch %d, %s lr %g",
@@ -448,7 +478,13 @@ def train(
         atomic_paths(weights_path, record_path) as (weights_staging, record_staging),
         atomic_dir(live_dir) as live_staging,
         open_live(live_staging) as live,
-        tqdm(total=hp.epochs, initial=progress.epoch - 1, desc="train", unit="epoch") as bar,
+        tqdm(
+            total=hp.epochs,
+            initial=progress.epoch - 1,
+            desc="train",
+            unit="epoch",
+            disable=ddp is not None and not ddp.writes,  # one bar, rank 0's
+        ) as bar,
     ):
         for epoch, metrics in enumerate(progress.history, start=1):  # a resumed run's epochs
             log_epoch(live, epoch, metrics)
@@ -456,11 +492,18 @@ def train(
             # The epoch's batch order from its start; a resumed epoch skips the batches it did.
             order_generator.set_state(progress.order)
             sampler.skip = len(progress.record.losses)
-            train_loop(
-                train_loader, model, loss_fn, optimizer, scheduler, progress.record, after_batch
-            )
+            loop(train_loader, trained, loss_fn, optimizer, scheduler, progress.record, after_batch)
             require_finite(progress.record, epoch, steps_per_epoch, hp)
-            metrics = epoch_metrics(model, val_loader, progress.record, hp.label_smoothing)
+            if ddp is None:
+                metrics = epoch_metrics(model, val_loader, progress.record, hp.label_smoothing)
+            else:
+                metrics = ddp.epoch_metrics(
+                    model,
+                    val_loader.dataset,
+                    params.evaluate.batch_size,
+                    progress.record,
+                    hp.label_smoothing,
+                )
             log_epoch(live, epoch, metrics)
             bar.update()
             bar.set_postfix(
@@ -473,7 +516,8 @@ def train(
         made = {Path(weights_path).name: file_digest(weights_staging, "sha256")}
         record = train_record(params, processed_dir, data_digests, made, device, num_threads)
         record_staging.write_text(json_text(record))
-    Path(checkpoint_path).unlink(missing_ok=True)
+    if ddp is None or ddp.writes:
+        Path(checkpoint_path).unlink(missing_ok=True)
     logger.info("wrote %s", weights_path)
     return progress.history[-1]
 

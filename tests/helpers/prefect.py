@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from .tools import REPO, VENV_BIN, free_port, stop_session, tool_env
 
 # What a `make` run inside `make test` inherits, and must not pass to this independent make.
@@ -102,3 +104,60 @@ def prefect_api(url: str, path: str, body: dict | None = None) -> Any:
     )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.load(response)
+
+
+FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+def wait_for_flow_run(url: str, run_id: str, timeout: float = 180) -> dict[str, Any]:
+    """The flow run, read through the API once its state is final or `timeout` s have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        flow_run = prefect_api(url, f"/flow_runs/{run_id}")
+        state = flow_run.get("state") or {}
+        if state.get("type") in FINAL_STATES or time.monotonic() > deadline:
+            return flow_run
+        time.sleep(0.5)
+
+
+@contextmanager
+def prefect_worker(
+    repo: Path, url: str, pool: str, log_path: Path, **env: str
+) -> Iterator[subprocess.Popen]:
+    """`make worker POOL=pool` in `repo` (its own clone), as a worker machine runs it: `prefect
+    worker start --pool pool --limit 1` with FMNIST_WORKER_REPO, for prefect.yaml's pull step, set
+    to the clone. It polls every second (Prefect's default: 10 s), and is stopped at the end."""
+    make = shutil.which("make")
+    if make is None:
+        raise RuntimeError("make is not installed; the tests start `prefect worker` with it")
+    venv = VENV_BIN.parent
+    command = [make, "-s", "-C", str(repo), f"--assume-old={venv}/.installed", "worker"]
+    command += [f"POOL={pool}", f"VENV={venv}"]
+    worker_env = tool_env(PREFECT_API_URL=url, PREFECT_WORKER_QUERY_SECONDS="1", **env)
+    for name in ("FMNIST_WORKER_REPO", *MAKE_VARS):
+        worker_env.pop(name, None)
+    with open(log_path, "w") as log:
+        worker = subprocess.Popen(
+            command,
+            cwd=repo,
+            env=worker_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield worker
+    finally:
+        stop_session(worker)
+
+
+def processes_in(folder: Path) -> list[psutil.Process]:
+    """The processes whose working directory is `folder` or below: a flow run's, for one."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if Path(process.cwd()).is_relative_to(folder):
+                found.append(process)
+        except (psutil.Error, OSError):
+            continue
+    return found

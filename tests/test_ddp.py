@@ -1,0 +1,173 @@
+"""Data-parallel training (`train.nproc_per_node`, stages/distributed.py, docs/ddp.md).
+
+The multi-process tests run 2 gloo workers on the CPU on the tiny synthetic split (90 train
+images); each run costs a few seconds, mostly the workers' imports.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+import torch
+
+import stages.train
+from stages.config import Params, ParamsError, load_params, parse_params
+from stages.distributed import Rank, check_batches, check_nproc
+from stages.errors import StageError
+from stages.train import train
+
+from .helpers.tools import REPO
+
+
+def with_train(params: Params, **changes: object) -> Params:
+    return params.model_copy(update={"train": params.train.model_copy(update=changes)})
+
+
+@pytest.mark.parametrize("value", [0, -1, -8])
+def test_nproc_per_node_below_1_is_refused_by_name(value: int) -> None:
+    with pytest.raises(ParamsError, match=r"train\.nproc_per_node = "):
+        parse_params({"train": {"nproc_per_node": value}})
+
+
+def test_nproc_per_node_defaults_to_1_and_params_yaml_says_so() -> None:
+    assert Params().train.nproc_per_node == 1
+    assert load_params(REPO / "params.yaml").train.nproc_per_node == 1
+    with pytest.raises(ParamsError, match=r"train\.nproc_per_node"):
+        parse_params({"train": {"nproc_per_node": "2"}})  # strict: YAML already types it
+
+
+def test_more_workers_than_gpus_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cuda = torch.device("cuda")
+    check_nproc(1, "cuda", cuda)
+    with pytest.raises(StageError, match=r"train\.nproc_per_node = 2: more than the 1 CUDA"):
+        check_nproc(2, "cuda", cuda)
+    with pytest.raises(StageError, match=r"train\.nproc_per_node = 2 with device = 'cuda:0'"):
+        check_nproc(2, "cuda:0", torch.device("cuda:0"))
+    with pytest.raises(StageError, match=r"train\.nproc_per_node = 2: .* not MPS"):
+        check_nproc(2, "mps", torch.device("mps"))
+    check_nproc(2, "cpu", torch.device("cpu"))
+
+
+def test_a_bad_nproc_stops_before_any_training(
+    tmp_path: Path,
+    processed_dir: Path,
+    small_params: Params,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(stages.train, "resolve_device", lambda *_: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    started = []
+    monkeypatch.setattr(stages.train, "build_model", lambda *a: started.append(a))
+    monkeypatch.setattr(stages.train.distributed, "launch", lambda *a: started.append(a))
+    params = with_train(small_params, nproc_per_node=3).model_copy(update={"device": "cuda"})
+    weights = tmp_path / "w.pth"
+    with pytest.raises(StageError, match=r"train\.nproc_per_node = 3"):
+        train.fn(params, processed_dir, weights, tmp_path / "live", tmp_path / "ck.pt")
+    assert not started and not weights.exists()
+
+
+def test_every_batch_must_give_each_worker_an_image() -> None:
+    check_batches(90, 16, 2)  # last batch 10
+    check_batches(54_000, 128, 8)  # last batch 112
+    with pytest.raises(StageError, match=r"train\.nproc_per_node = 4: a batch of 1 image"):
+        check_batches(81, 16, 4)  # last batch 1
+    with pytest.raises(StageError, match=r"train\.batch_size = 2"):
+        check_batches(90, 2, 4)
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 16])
+def test_the_ranks_parts_cover_a_batch_in_order(count: int) -> None:
+    parts = [Rank(r, 3, r, 3, torch.device("cpu"), Path()).part(count) for r in range(3)]
+    assert [i for p in parts for i in range(count)[p]] == list(range(count))
+    split = torch.arange(count).tensor_split(3)
+    assert [len(range(count)[p]) for p in parts] == [len(t) for t in split]
+
+
+def curve(live_dir: Path, name: str) -> list[float]:
+    return list(pd.read_csv(live_dir / "plots" / "metrics" / f"{name}.tsv", sep="\t").iloc[:, 1])
+
+
+@pytest.mark.slow
+def test_two_workers_learn_like_one_and_repeat_byte_for_byte(
+    tmp_path: Path, processed_dir: Path, small_params: Params, trained: dict[str, Path]
+) -> None:
+    params = with_train(small_params, nproc_per_node=2)
+    runs = []
+    for name in ("a", "b"):
+        paths = {
+            "weights_path": tmp_path / name / "w.pth",
+            "live_dir": tmp_path / name / "live",
+            "checkpoint_path": tmp_path / name / "ck.pt",
+        }
+        metrics = train.fn(params, processed_dir, **paths)
+        runs.append(paths)
+    one = curve(trained["live_dir"], "val/accuracy")[-1]
+    two = curve(runs[0]["live_dir"], "val/accuracy")
+    assert metrics["val/accuracy"] == two[-1]
+    assert abs(two[-1] - one) <= 0.01  # the same global batches, the same gradients
+    losses = curve(runs[0]["live_dir"], "train/loss")
+    assert losses[-1] < losses[0]
+    single = curve(trained["live_dir"], "train/loss")
+    assert losses == pytest.approx(single, rel=1e-3)  # the all-reduced loss of each whole batch
+    first, second = (run["weights_path"].read_bytes() for run in runs)
+    assert first == second
+    assert not runs[0]["checkpoint_path"].exists()  # a finished run deletes it
+    record = json.loads((runs[0]["weights_path"].parent / "record.json").read_text())
+    assert record["params"]["train"]["nproc_per_node"] == 2
+
+
+KILL_RUN = """
+import sys
+from pathlib import Path
+from stages.config import parse_params
+from stages.train import train
+import json
+params = parse_params(json.loads(sys.argv[1]))
+out = Path(sys.argv[2])
+train.fn(params, Path(sys.argv[3]), out / "w.pth", out / "live", out / "ck.pt")
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_worker_stops_the_stage_with_an_error(
+    tmp_path: Path, processed_dir: Path, small_params: Params
+) -> None:
+    params = with_train(small_params, nproc_per_node=2, epochs=100_000)
+    raw = json.dumps(params.model_dump(mode="json"))
+    command = [sys.executable, "-c", KILL_RUN, raw, str(tmp_path), str(processed_dir)]
+    stage = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        workers: list[psutil.Process] = []
+        while len(workers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            workers = [
+                p
+                for p in psutil.Process(stage.pid).children(recursive=True)
+                if "stages.distributed" in (line := p.cmdline())
+                and "torch.distributed.run" not in line
+            ]
+        assert len(workers) == 2
+        time.sleep(2)  # into training
+        workers[-1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        _, stderr = stage.communicate(timeout=60)
+        assert time.monotonic() - killed < 60
+        assert stage.returncode != 0
+        assert "data-parallel training failed" in stderr, stderr[-2000:]
+        assert not (tmp_path / "w.pth").exists()
+    finally:
+        if stage.poll() is None:
+            for child in psutil.Process(stage.pid).children(recursive=True):
+                child.kill()
+            stage.kill()
+            stage.wait()
