@@ -18,7 +18,14 @@ def test_committed_params_are_valid() -> None:
     assert params.device == "auto"
 
 
-def test_the_readmes_parameter_table_shows_params_yaml_as_it_is() -> None:
+def test_readme_shows_params_yaml_as_it_is() -> None:
+    readme = (REPO / "README.md").read_text()
+    shown = re.search(r"^```yaml\n(.*?)^```$", readme, re.M | re.S)
+    assert shown is not None, "README.md has no ```yaml block"
+    assert shown.group(1) == (REPO / "params.yaml").read_text()
+
+
+def test_the_readmes_table_of_common_keys_shows_their_defaults() -> None:
     readme = (REPO / "README.md").read_text()
     rows = re.findall(r"^\| `([\w.]+)` \| `?([^`|]+?)`? \|", readme, re.M)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
