@@ -32,7 +32,6 @@ if __name__ == "__main__":  # --help and a bad argument answer before DVC and Pr
 import hashlib
 import json
 import subprocess
-from contextlib import ExitStack
 from pathlib import Path
 
 import pandas as pd
@@ -40,14 +39,10 @@ from dvc.repo import Repo
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
-from prefect.settings import (
-    PREFECT_API_URL,
-    temporary_settings,
-)
 
 from flows import remote
 from flows.dvc_runner import RunRecord, reproduce, require_writable_checkout
-from flows.prefect_server import CLIENT_DEFAULTS, ServerWatch, report_end, temporary_server
+from flows.prefect_server import ServerWatch, flow_server, report_end
 from stages.config import EVAL_DIR, PARAMS_FILE, load_params
 from stages.runtime import prefect_api_url, require_prefect_server
 from stages.signals import StageStopped, stop_on_signals
@@ -166,13 +161,7 @@ def run(args: argparse.Namespace) -> int:
         root = Path(Repo.find_root())
         require_writable_checkout(root)
         load_params(root / PARAMS_FILE)
-        with ExitStack() as stack:
-            if not url:
-                url = stack.enter_context(temporary_server())
-            stack.enter_context(
-                temporary_settings(updates={PREFECT_API_URL: url}, set_defaults=CLIENT_DEFAULTS)
-            )
-            watch = stack.enter_context(ServerWatch(url))
+        with flow_server(url) as watch:
             pipeline(
                 force=args.force,
                 targets=args.targets,

@@ -24,8 +24,10 @@ from prefect.logging import get_logger
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import (
     PREFECT_API_REQUEST_TIMEOUT,
+    PREFECT_API_URL,
     PREFECT_CLIENT_MAX_RETRIES,
     get_current_settings,
+    temporary_settings,
 )
 
 from stages.errors import StageError
@@ -165,6 +167,19 @@ class ServerWatch:
                     # on, and a stage stops within a batch, replacing no out.
                     signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             return
+
+
+@contextlib.contextmanager
+def flow_server(url: str | None) -> Iterator[ServerWatch]:
+    """For a flow run: the server at `url` (already checked) or, without one, a temporary server;
+    the client settings pointing at it; and the watch that stops the run if it goes away."""
+    with contextlib.ExitStack() as stack:
+        if not url:
+            url = stack.enter_context(temporary_server())
+        stack.enter_context(
+            temporary_settings(updates={PREFECT_API_URL: url}, set_defaults=CLIENT_DEFAULTS)
+        )
+        yield stack.enter_context(ServerWatch(url))
 
 
 def report_end(exc: BaseException, watch: ServerWatch | None, flow_name: str, kept: str) -> int:

@@ -47,7 +47,6 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,18 +61,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Failed, State
 from ruamel.yaml import YAML
 
 from flows.dvc_runner import require_writable_checkout
-from flows.prefect_server import (
-    CLIENT_DEFAULTS,
-    ServerWatch,
-    report_end,
-    stop_server,
-    temporary_server,
-)
+from flows.prefect_server import ServerWatch, flow_server, report_end, stop_server
 from stages.config import EVAL_DIR, LIVE_DIR, PARAMS_FILE, ParamsError, load_params
 from stages.errors import StageError
 from stages.runtime import prefect_api_url, require_prefect_server
@@ -510,13 +502,7 @@ def run(args: argparse.Namespace) -> int:
         url = prefect_api_url()
         if url:
             require_prefect_server(url)
-        with ExitStack() as stack:
-            if not url:
-                url = stack.enter_context(temporary_server())
-            stack.enter_context(
-                temporary_settings(updates={PREFECT_API_URL: url}, set_defaults=CLIENT_DEFAULTS)
-            )
-            watch = stack.enter_context(ServerWatch(url))
+        with flow_server(url) as watch:
             state = sweep(plan, return_state=True)
             outcome = state.result(raise_on_failure=False)
             if isinstance(outcome, BaseException):
