@@ -80,15 +80,20 @@ def test_train_killed_mid_epoch_resumes_to_the_same_weights(
     assert not (killed / CHECKPOINT).exists()
 
 
+# DVC runs a stage as `$SHELL -c CMD`: bash becomes CMD; dash (/bin/sh, and what DVC uses where
+# SHELL is unset, as under cron) forks it, so the stage's parent is a shell that outlives dvc.
+@pytest.mark.parametrize("shell", ["/bin/bash", "/bin/sh"])
 def test_sigterm_to_dvc_repro_stops_its_stage_and_the_next_run_resumes(
-    pipeline: tuple[Path, str], tmp_path: Path
+    pipeline: tuple[Path, str], tmp_path: Path, shell: str
 ) -> None:
-    """DVC does not pass a SIGTERM on to the stage it runs; the stage notices its parent die
-    (PR_SET_PDEATHSIG), stops without writing outs, and keeps its checkpoint."""
+    """DVC does not pass a SIGTERM on to the stage it runs; the stage notices dvc die
+    (PR_SET_PDEATHSIG, or a watch past the shell), stops without writing outs, and keeps its
+    checkpoint."""
     repo = clone_pipeline(pipeline[0], tmp_path / "repo")
     edit_params(repo, train={"epochs": 3, "learning_rate": 0.06})
     before = outs_by_stage(repo)["train"]
-    runner = Runner(repo, "train")
+    weights = (repo / "models/train/model_weights.pth").read_bytes()
+    runner = Runner(repo, "train", SHELL=shell)
     assert runner.wait_for("epoch 2/3"), runner.output  # epoch 1's checkpoint is saved by then
     stage = runner.stage_process("train")
     runner.process.send_signal(signal.SIGTERM)  # to dvc alone, as a service manager would
@@ -98,6 +103,7 @@ def test_sigterm_to_dvc_repro_stops_its_stage_and_the_next_run_resumes(
         assert time.monotonic() < deadline, f"the stage outlived dvc repro:\n{runner.output}"
         time.sleep(0.05)
     assert outs_by_stage(repo)["train"] == before
+    assert (repo / "models/train/model_weights.pth").read_bytes() == weights, "train finished"
     assert (repo / CHECKPOINT).is_file()
     resumed = dvc(repo, "repro", "train")
     assert "resuming from models/checkpoints/train.pt: epoch " in resumed.stdout + resumed.stderr

@@ -70,11 +70,20 @@ def test_a_signal_stops_training_keeping_the_checkpoint(long_training: Path, sig
     assert (long_training / CHECKPOINT).is_file()
 
 
-def test_a_stage_stops_when_the_process_that_started_it_dies(long_training: Path) -> None:
+TRAIN = [sys.executable, "-m", "stages.train"]
+
+
+# DVC starts a stage through `$SHELL -c`; dash (/bin/sh) forks it rather than becoming it.
+@pytest.mark.parametrize(
+    "command", [TRAIN, ["/bin/sh", "-c", " ".join(TRAIN)]], ids=["directly", "through-dash"]
+)
+def test_a_stage_stops_when_the_process_that_started_it_dies(
+    long_training: Path, command: list[str]
+) -> None:
     # Stands for `dvc repro`, which does not pass a SIGTERM on to the stage it runs.
     parent_code = (
-        "import subprocess, sys\n"
-        "stage = subprocess.Popen([sys.executable, '-m', 'stages.train'],\n"
+        "import subprocess\n"
+        f"stage = subprocess.Popen({command!r},\n"
         "                         stdout=open('train.log', 'w'), stderr=subprocess.STDOUT)\n"
         "print(stage.pid, flush=True)\n"
         "stage.wait()\n"
