@@ -8,9 +8,8 @@ process, then saves, commits and dumps the stage with DVC's own methods, so dvc.
 cache come out as `dvc repro` leaves them. Any other command, and a frozen stage, takes DVC's
 own per-stage step.
 
-The run holds DVC's path locks (rwlock) on every dep and out from start to end, and its repo
-lock too except while DVC's own step runs another command. A flow run and a `dvc repro` never
-interleave: whichever comes second fails within seconds with `PipelineBusyError`, or waits.
+The run holds DVC's locks from start to end (flows/dvc_lock.py), so a flow run and a `dvc repro`
+never interleave.
 
 tests/test_dvc_internals.py checks each DVC name used here: an upgrade that changes one fails
 there, naming it.
@@ -21,26 +20,23 @@ from __future__ import annotations
 import importlib
 import os
 import re
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, chdir, contextmanager
+from collections.abc import Callable
+from contextlib import chdir
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from dvc.lock import LockError
-from dvc.repo import Repo, lock_repo
+from dvc.repo import Repo
 from dvc.repo.reproduce import _reproduce_stage as reproduce_stage
-from dvc.rwlock import rwlock
 from dvc.stage import Stage
 from dvc.stage.cache import RunCacheNotFoundError
 from prefect import Task, task
 from prefect.cache_policies import NONE
 from prefect.states import Completed, State
 
-from stages.artifacts import require_writable
+from flows.dvc_lock import hold_pipeline, require_writable_checkout
 from stages.config import PARAMS_FILE, load_params
 from stages.errors import StageError
 from stages.inputs import watching_inputs
@@ -48,10 +44,6 @@ from stages.outs import restore_outs
 
 STAGE_COMMAND = re.compile(r"^python3? -m stages\.(\w+)$")
 NO_DEVICE = "none: no stage ran in process"
-
-
-class PipelineBusyError(StageError):
-    """Another `dvc repro` or flow run holds DVC's repo lock or a path this run uses."""
 
 
 @dataclass
@@ -172,42 +164,6 @@ def make_repro_fn(record: RunRecord) -> Callable[..., Stage | None]:
         return reproduced
 
     return repro_fn
-
-
-def require_writable_checkout(root: Path) -> None:
-    """Fails, naming the folder, unless DVC can write its locks (a read-only checkout cannot):
-    DVC itself would fail there with a traceback."""
-    require_writable(Path(root) / ".dvc" / "tmp" / "lock")
-
-
-@contextmanager
-def hold_pipeline(repo: Repo, wait: bool) -> Iterator[None]:
-    """Holds DVC's repo lock, and its path locks on every dep and out, until the block ends.
-
-    `dvc repro` lets go of the repo lock while a stage's command runs, keeping only path locks:
-    read on that stage's deps, write on its outs. Asking to write every path is how a run sees
-    it mid-stage, even mid-`validate`, which has no outs.
-    """
-    stages = repo.index.stages
-    paths = list(dict.fromkeys(item.fs_path for s in stages for item in (*s.deps, *s.outs)))
-    hardlink = repo.config["core"].get("hardlink_lock", False)
-    cmd = " ".join(sys.argv)  # what DVC records for its own path locks in this process
-    while True:
-        with ExitStack() as held:
-            try:
-                held.enter_context(lock_repo(repo))  # DVC's retries: seconds, or for ever
-                held.enter_context(rwlock(repo.tmp_dir, repo.fs, cmd, [], paths, hardlink))
-            except LockError as exc:
-                busy = exc
-            else:
-                yield
-                return
-        if not wait:
-            raise PipelineBusyError(
-                f"pipeline busy: {busy}\ntry again when it ends, "
-                "or pass --wait-for-lock (wait_for_lock=True)"
-            )
-        time.sleep(1)
 
 
 def reproduce(root: Path, targets: list[str] | None, force: bool, wait_for_lock: bool) -> RunRecord:

@@ -41,7 +41,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from flows import remote
-from flows.dvc_runner import RunRecord, reproduce, require_writable_checkout
+from flows.dvc_lock import require_writable_checkout
+from flows.dvc_runner import RunRecord, reproduce
 from flows.prefect_server import ServerWatch, flow_server, report_end
 from stages.config import EVAL_DIR, PARAMS_FILE, load_params
 from stages.runtime import prefect_api_url, require_prefect_server

@@ -64,7 +64,7 @@ from prefect.runtime import flow_run
 from prefect.states import Failed, State
 from ruamel.yaml import YAML
 
-from flows.dvc_runner import require_writable_checkout
+from flows.dvc_lock import require_writable_checkout
 from flows.prefect_server import ServerWatch, flow_server, report_end, stop_server
 from stages.config import EVAL_DIR, LIVE_DIR, PARAMS_FILE, ParamsError, load_params
 from stages.errors import StageError

@@ -165,6 +165,15 @@ class Rank:
         start = self.rank * base + min(self.rank, extra)
         return slice(start, start + base + (self.rank < extra))
 
+    def outs(self, weights_path: Path, live_dir: Path) -> tuple[Path, Path]:
+        """Where this rank writes the weights and curves: scratch, but on rank 0."""
+        if self.writes:
+            return weights_path, live_dir
+        return self.scratch / Path(weights_path).name, self.scratch / "live"
+
+    def check_batches(self, train_size: int, batch_size: int) -> None:
+        check_batches(train_size, batch_size, self.world)
+
     def threads(self, num_threads: int) -> int:
         """`train.num_threads` per worker; 0 shares the physical cores among this node's ranks."""
         if num_threads:
@@ -220,9 +229,10 @@ class Rank:
         return record
 
     def epoch_metrics(
-        self, model: nn.Module, val_data: Any, batch_size: int, record: Any, label_smoothing: float
+        self, model: nn.Module, val_loader: Any, record: Any, label_smoothing: float
     ) -> dict[str, float]:
         """stages.train.epoch_metrics, each rank on its part of the validation split, summed."""
+        val_data, batch_size = val_loader.dataset, val_loader.batch_sampler.batch_size
         model.eval()
         part = self.part(len(val_data))
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # CE, objective, right, n

@@ -239,7 +239,7 @@ class Checkpoints:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     generators: dict[str, torch.Generator | None]
     device: torch.device
-    write: bool = True  # False on data-parallel ranks other than 0: they resume, never save
+    write: bool  # False on data-parallel ranks other than 0: they resume, never save
 
     def save(self, progress: Progress) -> None:
         if not self.write:
@@ -304,6 +304,38 @@ def epoch_metrics(
         "val/loss": val_loss,
         "val/accuracy": accuracy(predictions, val_loader.dataset.labels),
     }
+
+
+@dataclass
+class OneProcess:
+    """Training in this process alone: the tutorial's loop, and this process writes every out.
+    stages.distributed.Rank has the same methods for one of `train.nproc_per_node` workers."""
+
+    device: torch.device
+    writes: bool = True
+
+    def threads(self, num_threads: int) -> int:
+        return num_threads
+
+    def shared_device(self) -> torch.device:
+        return self.device
+
+    def outs(self, weights_path: Path, live_dir: Path) -> tuple[Path, Path]:
+        return weights_path, live_dir
+
+    def check_batches(self, train_size: int, batch_size: int) -> None:
+        return None
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def train_loop(self, *args: Any) -> EpochRecord:
+        return train_loop(*args)
+
+    def epoch_metrics(
+        self, model: nn.Module, val_loader: DataLoader, record: EpochRecord, smoothing: float
+    ) -> dict[str, float]:
+        return epoch_metrics(model, val_loader, record, smoothing)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -412,23 +444,18 @@ def train(
     configure_determinism(hp.deterministic, logger)
     device = resolve_device(params.device, logger)
     distributed.check_nproc(hp.nproc_per_node, params.device, device)
-    ddp = None  # train.nproc_per_node > 1: this process starts the workers, or is one of them
-    if hp.nproc_per_node > 1:
-        if not distributed.is_worker():
-            paths = {
-                "processed_dir": processed_dir,
-                "weights_path": weights_path,
-                "live_dir": live_dir,
-                "checkpoint_path": checkpoint_path,
-            }
-            return distributed.launch(params, paths, logger)
-        ddp = distributed.start(device, logger)
-        device = ddp.device
-        if not ddp.writes:  # rank 0 writes the outs; the others write theirs to scratch
-            weights_path, live_dir = ddp.scratch / TRAINED_WEIGHTS.name, ddp.scratch / "live"
-    num_threads = configure_threads(
-        hp.num_threads if ddp is None else ddp.threads(hp.num_threads), logger
-    )
+    if hp.nproc_per_node > 1 and not distributed.is_worker():  # torchrun's workers each run this
+        paths = {
+            "processed_dir": processed_dir,
+            "weights_path": weights_path,
+            "live_dir": live_dir,
+            "checkpoint_path": checkpoint_path,
+        }
+        return distributed.launch(params, paths, logger)
+    rank = distributed.start(device, logger) if distributed.is_worker() else OneProcess(device)
+    device = rank.device
+    weights_path, live_dir = rank.outs(weights_path, live_dir)  # rank 0 alone writes the outs
+    num_threads = configure_threads(rank.threads(hp.num_threads), logger)
     numerics.configure_torch()
     log_numerics(device, logger)
     record_path = Path(weights_path).with_name(RECORD_FILE)
@@ -438,8 +465,7 @@ def train(
     augment = make_augment(hp, params.seed)
     train_loader, val_loader = make_loaders(processed_dir, params, device, order_generator, augment)
     steps_per_epoch = len(train_loader)
-    if ddp is not None:
-        distributed.check_batches(len(train_loader.dataset), hp.batch_size, ddp.world)
+    rank.check_batches(len(train_loader.dataset), hp.batch_size)
     sampler = train_loader.batch_sampler
     assert isinstance(sampler, IndexBatchSampler)  # it skips a resumed epoch's done batches
 
@@ -449,21 +475,15 @@ def train(
     scheduler = make_scheduler(optimizer, hp, steps_per_epoch)
     generators = {"order": order_generator, "augment": augment.generator if augment else None}
     data_digests = processed_inputs(processed_dir)
-    run_fingerprints = fingerprints(
-        params, device if ddp is None else ddp.shared_device(), num_threads, data_digests
-    )
+    matching = fingerprints(params, rank.shared_device(), num_threads, data_digests)
     checkpoints = Checkpoints(
-        checkpoint_path, run_fingerprints, model, optimizer, scheduler, generators, device
+        checkpoint_path, matching, model, optimizer, scheduler, generators, device, rank.writes
     )
-    if ddp is not None:
-        checkpoints.write = ddp.writes
-    progress = checkpoints.resume(logger, steps_per_epoch)
-    if progress is None:
-        progress = Progress(epoch=1, order=order_generator.get_state())
+    progress = checkpoints.resume(logger, steps_per_epoch) or Progress(
+        epoch=1, order=order_generator.get_state()
+    )
     after_batch = AfterBatch(progress, checkpoints, steps_per_epoch, hp)
-    loop, trained = train_loop, model  # data-parallel: its loop, on the DDP-wrapped model
-    if ddp is not None:
-        loop, trained = ddp.train_loop, ddp.wrap(model)
+    trained = rank.wrap(model)  # data-parallel: the DDP-wrapped model
 
     logger.info(
         "training %d epochs on %d images, batch %d, %s lr %g",
@@ -483,7 +503,7 @@ def train(
             initial=progress.epoch - 1,
             desc="train",
             unit="epoch",
-            disable=ddp is not None and not ddp.writes,  # one bar, rank 0's
+            disable=not rank.writes,  # one bar, rank 0's
         ) as bar,
     ):
         for epoch, metrics in enumerate(progress.history, start=1):  # a resumed run's epochs
@@ -492,18 +512,11 @@ def train(
             # The epoch's batch order from its start; a resumed epoch skips the batches it did.
             order_generator.set_state(progress.order)
             sampler.skip = len(progress.record.losses)
-            loop(train_loader, trained, loss_fn, optimizer, scheduler, progress.record, after_batch)
+            rank.train_loop(
+                train_loader, trained, loss_fn, optimizer, scheduler, progress.record, after_batch
+            )
             require_finite(progress.record, epoch, steps_per_epoch, hp)
-            if ddp is None:
-                metrics = epoch_metrics(model, val_loader, progress.record, hp.label_smoothing)
-            else:
-                metrics = ddp.epoch_metrics(
-                    model,
-                    val_loader.dataset,
-                    params.evaluate.batch_size,
-                    progress.record,
-                    hp.label_smoothing,
-                )
+            metrics = rank.epoch_metrics(model, val_loader, progress.record, hp.label_smoothing)
             log_epoch(live, epoch, metrics)
             bar.update()
             bar.set_postfix(
@@ -516,7 +529,7 @@ def train(
         made = {Path(weights_path).name: file_digest(weights_staging, "sha256")}
         record = train_record(params, processed_dir, data_digests, made, device, num_threads)
         record_staging.write_text(json_text(record))
-    if ddp is None or ddp.writes:
+    if rank.writes:
         Path(checkpoint_path).unlink(missing_ok=True)
     logger.info("wrote %s", weights_path)
     return progress.history[-1]

@@ -1,4 +1,5 @@
-"""Canary: the DVC names flows/dvc_runner.py relies on still exist and behave as it expects.
+"""Canary: the DVC names flows/dvc_runner.py and flows/dvc_lock.py rely on still exist and
+behave as they expect.
 
 A DVC upgrade that changes one fails here, in a second or two, naming the function, instead of
 making the flow mislabel stages or write a dvc.lock that `dvc repro` would not.
@@ -24,7 +25,8 @@ from dvc.stage import Stage
 from dvc.stage.cache import StageCache, _can_hash
 from dvc.utils.hydra import apply_overrides, get_hydra_sweeps, to_hydra_overrides
 
-from flows.dvc_runner import hold_pipeline, run_in_process
+from flows.dvc_lock import hold_pipeline
+from flows.dvc_runner import run_in_process
 
 # name -> (the callable, the parameters the runner passes it: its first ones, in order)
 SIGNATURES: dict[str, tuple[Any, list[str]]] = {

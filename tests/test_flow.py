@@ -108,7 +108,7 @@ def test_a_second_run_is_busy_while_one_holds_the_pipeline(
 ) -> None:
     stage = "  shout:\n    cmd: echo hi > out.txt\n" + OUTS.format("out.txt")
     second = (
-        "from dvc.repo import Repo; from flows.dvc_runner import hold_pipeline\n"
+        "from dvc.repo import Repo; from flows.dvc_lock import hold_pipeline\n"
         "with Repo('.') as repo, hold_pipeline(repo, wait=False): pass"
     )
     with repo_with(tmp_path / "repo", stage, monkeypatch) as repo:
