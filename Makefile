@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: setup pipeline test verify server worker lint clean
+.PHONY: setup pipeline test verify server deploy worker lint clean
 
 setup: $(STAMP)
 
@@ -45,9 +45,18 @@ server: export PREFECT_UI_API_URL = http://127.0.0.1:$(PORT)/api
 server: setup
 	$(BIN)/prefect server start --host 127.0.0.1 --port $(PORT)
 
+# prefect.yaml's deployment on the server at PREFECT_API_URL: its work pool (unless it exists),
+# the deployment, and the automation that marks a dead worker's runs Crashed (unless it exists).
+POOL = fashion-mnist
+AUTOMATION = fashion-mnist: crash flow runs that stopped beating
+deploy: setup
+	@test -n "$$PREFECT_API_URL" || { echo "error: PREFECT_API_URL is unset: export the Prefect server's API URL (docs/workers.md)" >&2; exit 1; }
+	$(BIN)/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || $(BIN)/prefect work-pool create $(POOL) --type process
+	$(BIN)/prefect --no-prompt deploy --all
+	$(BIN)/prefect automation inspect "$(AUTOMATION)" >/dev/null 2>&1 || $(BIN)/prefect automation create --from-file flows/automations.yaml
+
 # A Prefect worker for prefect.yaml's deployment: it polls the work pool $(POOL) and runs each flow
 # run in this checkout, one at a time (docs/workers.md). Needs PREFECT_API_URL.
-POOL = fashion-mnist
 worker: setup
 	@test -n "$$PREFECT_API_URL" || { echo "error: PREFECT_API_URL is unset: export the Prefect server's API URL (docs/workers.md)" >&2; exit 1; }
 	FMNIST_WORKER_REPO="$(CURDIR)" $(BIN)/prefect worker start --pool $(POOL) --limit 1

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import argparse
 
-from flows.cli import pipeline_args
+from flows.cli import beat_often, pipeline_args
 
 if __name__ == "__main__":  # --help and a bad argument answer before DVC and Prefect load
     ARGS = pipeline_args(__doc__)
+    beat_often()  # before Prefect reads its settings
 
 import hashlib
 import json

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 
-from flows.cli import serve_args
+from flows.cli import beat_often, serve_args
 
 if __name__ == "__main__":  # --help and a bad argument answer before Prefect loads
     ARGS = serve_args(__doc__)
+    beat_often()  # before Prefect reads its settings
 
 import os
 import sys

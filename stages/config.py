@@ -103,6 +103,8 @@ class TrainParams(Section):
     # Data-parallel training (docs/ddp.md): 1 trains in this process, as always; N > 1 starts N
     # workers with torchrun, each on its share of every global batch of batch_size images.
     nproc_per_node: Annotated[int, Field(ge=1)] = 1
+    # Machines, each running the stage with these params, meeting at FMNIST_RDZV_ENDPOINT.
+    nnodes: Annotated[int, Field(ge=1)] = 1
 
 
 class EvaluateParams(Section):

@@ -1,9 +1,11 @@
-"""Data-parallel training (`train.nproc_per_node` > 1; docs/ddp.md).
+"""Data-parallel training (`train.nproc_per_node` or `train.nnodes` > 1; docs/ddp.md).
 
 The train stage, from either door (`python -m stages.train` or the flow's `train.fn(params)`),
 calls `launch()`: it starts `python -m torch.distributed.run --standalone --nproc-per-node N
 -m stages.distributed SPEC`, whose N workers each run the same `train.fn` with these params and
-paths. A worker knows itself by WORKER_ENV and torchrun's RANK, and takes its `Rank` from
+paths. With `train.nnodes` M > 1, the stage runs on M machines, and their launchers meet at the
+rendezvous endpoint FMNIST_RDZV_ENDPOINT (HOST:PORT, torchrun's c10d rendezvous) instead of
+`--standalone`. A worker knows itself by WORKER_ENV and torchrun's RANK, and takes its `Rank` from
 `start()`: the process group (gloo on the CPU, NCCL on CUDA with one GPU per rank), its share of
 each batch, and whether it writes.
 
@@ -13,10 +15,12 @@ of each global batch; its loss is weighted by its share, so the gradients DDP av
 single-process gradient of the whole batch. The learning rate, schedule and step count therefore
 keep their meaning: nothing to rescale. Each batch's loss is all-reduced before it is recorded,
 so the curves and the non-finite check see every rank; validation is sharded the same way and
-all-reduced. Only rank 0 writes the weights, record, curves and checkpoint; the other ranks
-write theirs to a scratch folder that is deleted.
+all-reduced. Every rank holds the same weights, so each machine's local rank 0 writes the
+weights, record, curves and checkpoint into that machine's checkout, which then has its own
+complete outs; the other ranks write theirs to a scratch folder that is deleted.
 
-With `train.nproc_per_node: 1` (the default) nothing here runs but `check_nproc`, which returns.
+With `train.nproc_per_node: 1` and `train.nnodes: 1` (the defaults) nothing here runs but
+`check_nproc`, which returns.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +46,39 @@ from stages.errors import StageError
 
 WORKER_ENV = "FMNIST_DDP_WORKER"  # set by launch() for the workers torchrun starts
 SCRATCH_ENV = "FMNIST_DDP_SCRATCH"  # where ranks other than 0 write what rank 0 writes for real
+RDZV_ENDPOINT_ENV = "FMNIST_RDZV_ENDPOINT"  # train.nnodes > 1: HOST:PORT, the same on every node
+RDZV_ID_ENV = "FMNIST_RDZV_ID"  # the rendezvous (job) id, the same on every node
 STOP_WAIT_S = 30.0  # after a stop signal, how long torchrun gets to stop its workers
+# A collective that waits longer for a peer fails: a machine that died stops the others.
+COLLECTIVE_TIMEOUT_S = 300
 
 
 def is_worker() -> bool:
     return os.environ.get(WORKER_ENV) == "1" and "RANK" in os.environ
+
+
+def needed(nproc: int, nnodes: int) -> bool:
+    """Whether the stage trains on torchrun's workers rather than in its own process."""
+    return nproc > 1 or nnodes > 1
+
+
+def rendezvous(nnodes: int) -> list[str]:
+    """torchrun's arguments for where the launchers meet: this machine alone, or the endpoint."""
+    if nnodes == 1:
+        return ["--standalone"]
+    endpoint = os.environ.get(RDZV_ENDPOINT_ENV, "").strip()
+    if not endpoint:
+        raise StageError(
+            f"train.nnodes = {nnodes} needs the rendezvous endpoint: set "
+            f"{RDZV_ENDPOINT_ENV}=HOST:PORT, the same on every machine (HOST is one of them)"
+        )
+    run_id = os.environ.get(RDZV_ID_ENV, "fashion-mnist-train")
+    return [
+        f"--nnodes={nnodes}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}",
+        f"--rdzv-id={run_id}",
+    ]
 
 
 def check_nproc(nproc: int, spec: str, device: torch.device) -> None:
@@ -76,7 +109,8 @@ def check_batches(train_size: int, batch_size: int, world: int) -> None:
     last = train_size % batch_size or batch_size
     if min(batch_size, last) < world:
         raise StageError(
-            f"train.nproc_per_node = {world}: a batch of {min(batch_size, last)} image(s) "
+            f"{world} workers (train.nproc_per_node x train.nnodes): a batch of "
+            f"{min(batch_size, last)} image(s) "
             f"(train.batch_size = {batch_size}, {train_size} train images) leaves a worker "
             "without any; use fewer workers or another batch size"
         )
@@ -89,8 +123,10 @@ def _set_parent_death_signal() -> None:  # in the torchrun child, before it runs
 
 
 def launch(params: Any, paths: dict[str, Path], logger: Logger) -> dict[str, float]:
-    """Runs training on `train.nproc_per_node` workers; returns rank 0's last epoch metrics."""
-    nproc = params.train.nproc_per_node
+    """Runs training on `train.nproc_per_node` workers (on each of `train.nnodes` machines);
+    returns this machine's local rank 0's last epoch metrics."""
+    nproc, nnodes = params.train.nproc_per_node, params.train.nnodes
+    meeting = rendezvous(nnodes)
     with tempfile.TemporaryDirectory(prefix="fmnist-ddp-") as tmp:
         folder = Path(tmp)
         spec = folder / "spec.json"
@@ -107,7 +143,7 @@ def launch(params: Any, paths: dict[str, Path], logger: Logger) -> dict[str, flo
             sys.executable,
             "-m",
             "torch.distributed.run",
-            "--standalone",
+            *meeting,
             "--nproc-per-node",
             str(nproc),
             "--monitor-interval",
@@ -118,7 +154,7 @@ def launch(params: Any, paths: dict[str, Path], logger: Logger) -> dict[str, flo
         ]
         env = {**os.environ, WORKER_ENV: "1", SCRATCH_ENV: str(folder / "scratch")}
         env.setdefault("OMP_NUM_THREADS", "1")  # each worker sets its own count (threads())
-        logger.info("starting %d data-parallel workers: %s", nproc, " ".join(command))
+        logger.info("starting %d data-parallel workers here: %s", nproc, " ".join(command))
         linux = sys.platform.startswith("linux")
         process = subprocess.Popen(
             command, env=env, preexec_fn=_set_parent_death_signal if linux else None
@@ -139,7 +175,8 @@ def launch(params: Any, paths: dict[str, Path], logger: Logger) -> dict[str, flo
         if code != 0:
             raise StageError(
                 f"data-parallel training failed: torchrun exited with code {code} "
-                f"(train.nproc_per_node = {nproc}); the workers' output above says why"
+                f"(train.nproc_per_node = {nproc}, train.nnodes = {nnodes}); the workers' output "
+                "above says why"
             )
         return json.loads((folder / "metrics.json").read_text())
 
@@ -157,7 +194,8 @@ class Rank:
 
     @property
     def writes(self) -> bool:
-        return self.rank == 0
+        """Each machine's first worker writes that machine's outs."""
+        return self.local_rank == 0
 
     def part(self, count: int) -> slice:
         """This rank's contiguous part of `count` items (torch.tensor_split's division)."""
@@ -182,6 +220,20 @@ class Rank:
 
         cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
         return max(1, cores // self.local_world)
+
+    def require_same_start(self, epoch: int, batch: int) -> None:
+        """Every rank must start where the others do: each machine resumes from its own
+        checkpoint, and a machine killed at another moment may hold an older one."""
+        here = torch.tensor([epoch, batch], dtype=torch.int64, device=self.device)
+        low, high = here.clone(), here.clone()
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            raise StageError(
+                f"the workers would start from different checkpoints (epoch {epoch}, batch "
+                f"{batch} here; epochs {low[0].item()} to {high[0].item()} across them): delete "
+                "models/checkpoints/train.pt on every machine, then run train again"
+            )
 
     def shared_device(self) -> torch.device:
         """The device as the checkpoint fingerprint names it: the same on every rank."""
@@ -265,7 +317,9 @@ def start(device: torch.device, logger: Logger) -> Rank:
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend)
+        torch.distributed.init_process_group(
+            backend, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+        )
     logger.info("data-parallel rank %d of %d (%s, %s)", rank, world, backend, device)
     scratch = Path(os.environ.get(SCRATCH_ENV) or tempfile.mkdtemp()) / f"rank{rank}"
     return Rank(rank, world, local_rank, local_world, device, scratch)
@@ -282,7 +336,7 @@ def main(argv: list[str]) -> int:
     logging.getLogger("stages").setLevel(logging.INFO)
     spec_path = Path(argv[0])
     spec = json.loads(spec_path.read_text())
-    rank = int(os.environ["RANK"])
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     try:
         metrics = train.fn(
             parse_params(spec["params"]),
@@ -297,7 +351,7 @@ def main(argv: list[str]) -> int:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if rank == 0:
+    if local_rank == 0:
         (spec_path.parent / "metrics.json").write_text(json.dumps(metrics))
     return 0
 

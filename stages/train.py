@@ -317,6 +317,9 @@ class OneProcess:
     def threads(self, num_threads: int) -> int:
         return num_threads
 
+    def require_same_start(self, epoch: int, batch: int) -> None:
+        return None
+
     def shared_device(self) -> torch.device:
         return self.device
 
@@ -444,7 +447,8 @@ def train(
     configure_determinism(hp.deterministic, logger)
     device = resolve_device(params.device, logger)
     distributed.check_nproc(hp.nproc_per_node, params.device, device)
-    if hp.nproc_per_node > 1 and not distributed.is_worker():  # torchrun's workers each run this
+    if distributed.needed(hp.nproc_per_node, hp.nnodes) and not distributed.is_worker():
+        # torchrun's workers each run this function
         paths = {
             "processed_dir": processed_dir,
             "weights_path": weights_path,
@@ -482,6 +486,7 @@ def train(
     progress = checkpoints.resume(logger, steps_per_epoch) or Progress(
         epoch=1, order=order_generator.get_state()
     )
+    rank.require_same_start(progress.epoch, len(progress.record.losses))
     after_batch = AfterBatch(progress, checkpoints, steps_per_epoch, hp)
     trained = rank.wrap(model)  # data-parallel: the DDP-wrapped model
 

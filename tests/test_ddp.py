@@ -7,6 +7,8 @@ images); each run costs a few seconds, mostly the workers' imports.
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,11 +22,11 @@ import torch
 
 import stages.train
 from stages.config import Params, ParamsError, load_params, parse_params
-from stages.distributed import Rank, check_batches, check_nproc
+from stages.distributed import RDZV_ENDPOINT_ENV, Rank, check_batches, check_nproc, rendezvous
 from stages.errors import StageError
 from stages.train import train
 
-from .helpers.tools import REPO
+from .helpers.tools import REPO, free_port
 
 
 def with_train(params: Params, **changes: object) -> Params:
@@ -75,10 +77,23 @@ def test_a_bad_nproc_stops_before_any_training(
     assert not started and not weights.exists()
 
 
+def test_several_machines_need_the_rendezvous_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert rendezvous(1) == ["--standalone"]
+    monkeypatch.delenv(RDZV_ENDPOINT_ENV, raising=False)
+    with pytest.raises(StageError, match=r"train\.nnodes = 2 needs .* FMNIST_RDZV_ENDPOINT=HOST"):
+        rendezvous(2)
+    monkeypatch.setenv(RDZV_ENDPOINT_ENV, "10.0.0.1:29400")
+    assert "--rdzv-endpoint=10.0.0.1:29400" in rendezvous(2)
+    with pytest.raises(ParamsError, match=r"train\.nnodes = 0"):
+        parse_params({"train": {"nnodes": 0}})
+
+
 def test_every_batch_must_give_each_worker_an_image() -> None:
     check_batches(90, 16, 2)  # last batch 10
     check_batches(54_000, 128, 8)  # last batch 112
-    with pytest.raises(StageError, match=r"train\.nproc_per_node = 4: a batch of 1 image"):
+    with pytest.raises(
+        StageError, match=r"4 workers \(train\.nproc_per_node x train\.nnodes\): a batch of 1 image"
+    ):
         check_batches(81, 16, 4)  # last batch 1
     with pytest.raises(StageError, match=r"train\.batch_size = 2"):
         check_batches(90, 2, 4)
@@ -171,3 +186,38 @@ def test_a_killed_worker_stops_the_stage_with_an_error(
                 child.kill()
             stage.kill()
             stage.wait()
+
+
+@pytest.mark.slow
+def test_two_machines_meet_at_the_rendezvous_and_each_writes_the_same_weights(
+    tmp_path: Path, processed_dir: Path, small_params: Params, trained: dict[str, Path]
+) -> None:
+    """Two "machines" on 127.0.0.1, each a `train` stage with its own outs folder, 1 worker each."""
+    params = with_train(small_params, nnodes=2)
+    raw = json.dumps(params.model_dump(mode="json"))
+    env = {**os.environ, RDZV_ENDPOINT_ENV: f"127.0.0.1:{free_port()}"}
+    machines = [
+        subprocess.Popen(
+            [sys.executable, "-c", KILL_RUN, raw, str(tmp_path / name), str(processed_dir)],
+            cwd=REPO,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
+    try:
+        outputs = [machine.communicate(timeout=180)[1] for machine in machines]
+    finally:
+        for machine in machines:
+            machine.kill()
+    for machine, output in zip(machines, outputs, strict=True):
+        assert machine.returncode == 0, output[-3000:]
+    ranks = sorted(re.findall(r"data-parallel rank (\d) of (\d)", "".join(outputs)))
+    assert ranks == [("0", "2"), ("1", "2")]  # one worker on each machine, one world of 2
+    first, second = ((tmp_path / name / "w.pth").read_bytes() for name in ("a", "b"))
+    assert first == second  # every rank holds the same weights; each machine wrote its own
+    losses = curve(tmp_path / "a" / "live", "train/loss")
+    assert losses == pytest.approx(curve(trained["live_dir"], "train/loss"), rel=1e-3)
+    record = json.loads((tmp_path / "b" / "record.json").read_text())
+    assert record["params"]["train"]["nnodes"] == 2

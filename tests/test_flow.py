@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from dvc.repo import Repo, lock_repo
 
 import flows.dvc_runner as runner
@@ -17,7 +18,7 @@ from stages.errors import StageError
 from stages.train import train
 
 from .helpers.repo import copy_repo
-from .helpers.tools import run, tool_env
+from .helpers.tools import REPO, run, tool_env
 
 OUTS = "    outs:\n      - {}\n"
 
@@ -130,3 +131,29 @@ def test_a_non_utf8_params_file_stops_the_flow_before_it_starts(tmp_path: Path) 
     assert error.startswith(f"error: {repo}/params.yaml: not UTF-8 text (byte 0xe9"), error
     assert "Traceback" not in result.stderr
     assert "temporary server" not in result.stderr + result.stdout
+
+
+def test_every_run_beats_often_enough_for_the_automation_that_crashes_silent_runs() -> None:
+    """flows/automations.yaml marks a run Crashed after `within` s without a heartbeat: every
+    way a run starts must beat several times in that window, and it must name this flow only."""
+    from prefect.events.schemas.automations import AutomationCore
+
+    from flows.cli import HEARTBEAT_ENV, beat_often
+    from flows.pipeline import FLOW_NAME
+
+    [raw] = yaml.safe_load((REPO / "flows" / "automations.yaml").read_text())["automations"]
+    automation = AutomationCore.model_validate(raw)
+    assert automation.trigger.match_related.root == {
+        "prefect.resource.role": "flow",
+        "prefect.resource.name": FLOW_NAME,
+    }
+    assert automation.actions[0].state == "CRASHED" and not automation.actions[0].force
+    name, beat = HEARTBEAT_ENV
+    worker = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"][0]
+    assert worker["work_pool"]["job_variables"]["env"][name] == beat
+    assert automation.trigger.within.total_seconds() >= 3 * int(beat)
+    os.environ.pop(name, None)
+    beat_often()
+    assert os.environ.pop(name) == beat
+    makefile = (REPO / "Makefile").read_text()
+    assert f"AUTOMATION = {automation.name}\n" in makefile  # `make deploy` finds it by name

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +14,16 @@ import pytest
 import yaml
 
 from .helpers.git import commit_all, fresh_clone
-from .helpers.prefect import prefect_api, prefect_worker, processes_in, wait_for_flow_run
-from .helpers.tools import VENV_BIN, dvc, run, tool_env
+from .helpers.prefect import (
+    MAKE_VARS,
+    make_target,
+    prefect_api,
+    prefect_worker,
+    processes_in,
+    wait_for_flow_run,
+)
+from .helpers.repo import edit_params
+from .helpers.tools import REPO, VENV_BIN, dvc, run, tool_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -56,8 +65,10 @@ def deployed(repo: Path, api: str, tmp_path: Path) -> Team:
     worker = fresh_clone(repo, tmp_path / "worker")
     dvc(worker, "pull")
     submitter = fresh_clone(repo, tmp_path / "submitter")
-    prefect(submitter, api, "work-pool", "create", POOL, "--type", "process", "--overwrite")
-    result = prefect(submitter, api, "deploy", "--all")
+    env = tool_env(PREFECT_API_URL=api)
+    for name in MAKE_VARS:
+        env.pop(name, None)
+    result = run(make_target(submitter, "deploy"), submitter, env)  # pool, deployment, automation
     assert DEPLOYMENT in result.stdout, result.stdout
     return Team(remote, worker, submitter)
 
@@ -76,7 +87,21 @@ def task_states(api: str, run_id: str) -> dict[str, str]:
     return {r["name"].rsplit("-", 1)[0]: r["state"]["name"] for r in runs}  # "train-a2f"
 
 
-def test_a_worker_in_its_own_clone_runs_the_deployment_and_pushes_its_outs(
+AUTOMATIONS = REPO / "flows" / "automations.yaml"
+CHECKPOINT = "models/checkpoints/train.pt"
+QUICK = ['targets=["validate"]', "pull=false", "push=false"]  # a run of a few seconds
+
+
+def running_span(api: str, run_id: str) -> tuple[str, str]:
+    """When the flow run started Running and when it ended; it must have started exactly once."""
+    states = prefect_api(api, f"/flow_run_states/?flow_run_id={run_id}")
+    states.sort(key=lambda state: state["timestamp"])
+    running = [state["timestamp"] for state in states if state["type"] == "RUNNING"]
+    assert len(running) == 1, [state["name"] for state in states]
+    return running[0], states[-1]["timestamp"]
+
+
+def test_workers_in_their_own_clone_run_each_flow_run_once_one_at_a_time_and_push_the_outs(
     pipeline_copy: Path, prefect_server: str, tmp_path: Path
 ) -> None:
     api = prefect_server
@@ -96,13 +121,26 @@ def test_a_worker_in_its_own_clone_runs_the_deployment_and_pushes_its_outs(
     lost = team.remote / "files" / "md5" / md5[:2] / md5[2:]
     lost.unlink()
 
-    log = tmp_path / "worker.log"
-    with prefect_worker(team.worker, api, POOL, log):
-        run_id = start_run(team, api, "pull=true", "push=true")
-        flow_run = wait_for_flow_run(api, run_id, timeout=180)
-        assert flow_run["state"]["type"] == "COMPLETED", (flow_run["state"], log.read_text())
-        assert flow_run["work_pool_name"] == POOL
-        assert task_states(api, run_id) == dict.fromkeys(STAGES, "Cached")
+    # Two workers poll the pool, whose concurrency limit is 1: each run runs once, one at a time.
+    prefect(team.submitter, api, "work-pool", "set-concurrency-limit", POOL, "1")
+    logs = [tmp_path / "worker-1.log", tmp_path / "worker-2.log"]
+    try:
+        with (
+            prefect_worker(team.worker, api, POOL, logs[0]),
+            prefect_worker(team.worker, api, POOL, logs[1]),
+        ):
+            full = start_run(team, api, "pull=true", "push=true")
+            quick = start_run(team, api, *QUICK)
+            for run_id in (full, quick):
+                flow_run = wait_for_flow_run(api, run_id, timeout=180)
+                output = "".join(log.read_text() for log in logs)
+                assert flow_run["state"]["type"] == "COMPLETED", (flow_run["state"], output)
+                assert flow_run["work_pool_name"] == POOL
+    finally:
+        prefect(team.submitter, api, "work-pool", "clear-concurrency-limit", POOL)
+    assert task_states(api, full) == dict.fromkeys(STAGES, "Cached")
+    first, second = sorted(running_span(api, run_id) for run_id in (full, quick))
+    assert first[1] <= second[0], f"the runs overlapped: {first}, {second}"
     assert processes_in(team.worker) == []
     assert lost.is_file(), "the worker's push did not restore the model card"
 
@@ -110,3 +148,50 @@ def test_a_worker_in_its_own_clone_runs_the_deployment_and_pushes_its_outs(
     assert "up to date" in dvc(team.submitter, "status").stdout
     assert "in sync" in dvc(team.submitter, "status", "-c").stdout
     assert (team.submitter / CARD).read_bytes() == (pipeline_copy / CARD).read_bytes()
+
+
+def shorten_silence_window(api: str, seconds: int) -> None:
+    """The shipped automation, made by `make deploy`, with a window just over one heartbeat (30 s)
+    instead of 90 s, so the test waits less."""
+    [automation] = yaml.safe_load(AUTOMATIONS.read_text())["automations"]
+    [found] = prefect_api(
+        api, "/automations/filter", {"automations": {"name": {"any_": [automation["name"]]}}}
+    )
+    automation["trigger"]["within"] = seconds
+    prefect_api(api, f"/automations/{found['id']}", automation, method="PUT")
+
+
+def test_a_dead_workers_run_turns_crashed_and_a_rerun_resumes_training(
+    pipeline_copy: Path, prefect_server: str, tmp_path: Path
+) -> None:
+    api = prefect_server
+    team = deployed(pipeline_copy, api, tmp_path)
+    shorten_silence_window(api, 35)
+    with prefect_worker(team.worker, api, POOL, tmp_path / "dying.log"):
+        healthy = start_run(team, api, *QUICK)
+        assert wait_for_flow_run(api, healthy, timeout=120)["state"]["type"] == "COMPLETED"
+        # The worker's machine dies mid-training: every process in its clone is killed.
+        edit_params(team.worker, train={"epochs": 4})
+        dead = start_run(team, api, 'targets=["train"]', "pull=false", "push=false")
+        deadline = time.monotonic() + 120
+        while not (team.worker / CHECKPOINT).exists():  # epoch 1 done
+            assert time.monotonic() < deadline, (tmp_path / "dying.log").read_text()
+            time.sleep(0.2)
+        for process in processes_in(team.worker):
+            process.kill()
+    assert prefect_api(api, f"/flow_runs/{dead}")["state"]["type"] == "RUNNING"
+    state = wait_for_flow_run(api, dead, timeout=90)["state"]
+    assert state["type"] == "CRASHED", state
+    assert "No heartbeat" in state["message"]
+    # A run that ended is never marked Crashed, though its last heartbeat is older still.
+    assert prefect_api(api, f"/flow_runs/{healthy}")["state"]["type"] == "COMPLETED"
+
+    # Run again on a new worker: training resumes from the dead run's checkpoint.
+    log = tmp_path / "rerun.log"
+    with prefect_worker(team.worker, api, POOL, log):
+        rerun = start_run(team, api, 'targets=["train"]', "pull=false", "push=false")
+        state = wait_for_flow_run(api, rerun, timeout=180)["state"]
+        assert state["type"] == "COMPLETED", (state, log.read_text())
+    logs = prefect_api(api, "/logs/filter", {"logs": {"flow_run_id": {"any_": [rerun]}}})
+    assert any(f"resuming from {CHECKPOINT}: epoch " in entry["message"] for entry in logs)
+    assert not (team.worker / CHECKPOINT).exists()

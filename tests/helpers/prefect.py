@@ -26,20 +26,7 @@ def server_command(port: int) -> list[str]:
     VENV names the venv these tests run in (the Makefile's .venv under `make test`), and -o (make's
     --assume-old) keeps its setup stamp as it is: a test never reinstalls the project.
     """
-    make = shutil.which("make")
-    if make is None:
-        raise RuntimeError("make is not installed; the tests start `prefect server` with it")
-    venv = VENV_BIN.parent
-    return [
-        make,
-        "-s",
-        "-C",
-        str(REPO),
-        f"--assume-old={venv}/.installed",
-        "server",
-        f"PORT={port}",
-        f"VENV={venv}",
-    ]
+    return make_target(REPO, "server", f"PORT={port}")
 
 
 @contextmanager
@@ -93,17 +80,19 @@ def wait_healthy(url: str, server: subprocess.Popen, log_path: Path, timeout: fl
         time.sleep(0.5)
 
 
-def prefect_api(url: str, path: str, body: dict | None = None) -> Any:
-    """GET (or POST `body` as JSON) to the Prefect server's REST API; returns the decoded JSON."""
+def prefect_api(url: str, path: str, body: dict | None = None, method: str | None = None) -> Any:
+    """GET (or POST `body` as JSON, or `method`) to the Prefect server's REST API; returns the
+    decoded JSON (None for an empty answer)."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
         f"{url}{path}",
         data=data,
-        method="GET" if body is None else "POST",
+        method=method or ("GET" if body is None else "POST"),
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)
+        answer = response.read()
+    return json.loads(answer) if answer else None
 
 
 FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -120,6 +109,24 @@ def wait_for_flow_run(url: str, run_id: str, timeout: float = 180) -> dict[str, 
         time.sleep(0.5)
 
 
+def make_target(repo: Path, target: str, *variables: str) -> list[str]:
+    """`make -s -C repo TARGET VAR=...` with the tests' own venv, never reinstalling it."""
+    make = shutil.which("make")
+    if make is None:
+        raise RuntimeError(f"make is not installed; the tests run `make {target}`")
+    venv = VENV_BIN.parent
+    return [
+        make,
+        "-s",
+        "-C",
+        str(repo),
+        f"--assume-old={venv}/.installed",
+        target,
+        *variables,
+        f"VENV={venv}",
+    ]
+
+
 @contextmanager
 def prefect_worker(
     repo: Path, url: str, pool: str, log_path: Path, **env: str
@@ -127,12 +134,7 @@ def prefect_worker(
     """`make worker POOL=pool` in `repo` (its own clone), as a worker machine runs it: `prefect
     worker start --pool pool --limit 1` with FMNIST_WORKER_REPO, for prefect.yaml's pull step, set
     to the clone. It polls every second (Prefect's default: 10 s), and is stopped at the end."""
-    make = shutil.which("make")
-    if make is None:
-        raise RuntimeError("make is not installed; the tests start `prefect worker` with it")
-    venv = VENV_BIN.parent
-    command = [make, "-s", "-C", str(repo), f"--assume-old={venv}/.installed", "worker"]
-    command += [f"POOL={pool}", f"VENV={venv}"]
+    command = make_target(repo, "worker", f"POOL={pool}")
     worker_env = tool_env(PREFECT_API_URL=url, PREFECT_WORKER_QUERY_SECONDS="1", **env)
     for name in ("FMNIST_WORKER_REPO", *MAKE_VARS):
         worker_env.pop(name, None)
