@@ -181,6 +181,15 @@ def launch(params: Any, paths: dict[str, Path], logger: Logger) -> dict[str, flo
         return json.loads((folder / "metrics.json").read_text())
 
 
+def with_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """On CUDA, the CNN's BatchNorm layers normalise over the whole global batch, as in one
+    process (SyncBatchNorm, in place: the same parameters and buffers). torch has no CPU
+    SyncBatchNorm, so on the CPU each rank normalises over its own part of the batch."""
+    if device.type != "cuda":
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 @dataclass
 class Rank:
     """This worker's place: its rank among `world`, its device, and what it writes."""
@@ -243,7 +252,7 @@ class Rank:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        return DistributedDataParallel(with_sync_batchnorm(model, self.device), device_ids=ids)
 
     def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         torch.distributed.all_reduce(tensor)

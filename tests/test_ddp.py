@@ -22,8 +22,16 @@ import torch
 
 import stages.train
 from stages.config import Params, ParamsError, load_params, parse_params
-from stages.distributed import RDZV_ENDPOINT_ENV, Rank, check_batches, check_nproc, rendezvous
+from stages.distributed import (
+    RDZV_ENDPOINT_ENV,
+    Rank,
+    check_batches,
+    check_nproc,
+    rendezvous,
+    with_sync_batchnorm,
+)
 from stages.errors import StageError
+from stages.model import build_model
 from stages.train import train
 
 from .helpers.tools import REPO, free_port
@@ -105,6 +113,19 @@ def test_the_ranks_parts_cover_a_batch_in_order(count: int) -> None:
     assert [i for p in parts for i in range(count)[p]] == list(range(count))
     split = torch.arange(count).tensor_split(3)
     assert [len(range(count)[p]) for p in parts] == [len(t) for t in split]
+
+
+def test_on_cuda_the_cnns_batchnorm_is_synchronised_in_place(small_params: Params) -> None:
+    cnn = build_model(with_train(small_params, model="cnn").train)
+    names = list(cnn.state_dict())
+    parameters = list(cnn.parameters())
+    assert with_sync_batchnorm(cnn, torch.device("cpu")) is cnn  # torch has no CPU SyncBatchNorm
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in cnn.modules())
+    synced = with_sync_batchnorm(cnn, torch.device("cuda"))  # converting needs no GPU
+    norms = [m for m in synced.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    assert list(synced.state_dict()) == names  # the weights file keeps its keys
+    assert all(a is b for a, b in zip(synced.parameters(), parameters, strict=True))  # optimizer
 
 
 def curve(live_dir: Path, name: str) -> list[float]:
