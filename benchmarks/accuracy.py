@@ -1,10 +1,11 @@
-"""python benchmarks/accuracy.py [--seeds 0 1 2] [--set train.model=cnn ...]
+"""python benchmarks/accuracy.py [--seeds 0 1 2] [--set train.model=cnn ...] [--split val]
 
 Trains the train stage with params.yaml (changed by any --set, validated the same way) on
 several seeds (weight init, batch order, augmentation) and scores each on the test split, as the
-evaluate stage does. Prints one JSON line: {"seeds", "accuracies", "mean", "epochs", "wall_s"},
-plus "set" when given. Needs data/processed (`dvc repro preprocess`); writes only to a temporary
-folder.
+evaluate stage does, or on the validation split with `--split val` (to choose params without
+looking at the test split). Prints one JSON line: {"seeds", "split", "accuracies", "mean",
+"epochs", "wall_s"}, plus "set" when given. Needs data/processed (`dvc repro preprocess`); writes
+only to a temporary folder.
 """
 
 from __future__ import annotations
@@ -62,10 +63,13 @@ def main() -> None:
         metavar="SECTION.KEY=VALUE",
         help="change a parameter for this run, e.g. train.epochs=10",
     )
+    parser.add_argument(
+        "--split", choices=("test", "val"), default="test", help="score on (default: test)"
+    )
     args = parser.parse_args()
     params = with_overrides(args.set)
     device = resolve_device(params.device)
-    test_data = load_dataset(PROCESSED_DIR, "test", device)
+    test_data = load_dataset(PROCESSED_DIR, args.split, device)
     accuracies = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,6 +91,7 @@ def main() -> None:
             {
                 **({"set": args.set} if args.set else {}),
                 "seeds": args.seeds,
+                "split": args.split,
                 "accuracies": accuracies,
                 "mean": round(sum(accuracies) / len(accuracies), 4),
                 "epochs": params.train.epochs,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import stages  # noqa: E402,F401  (pins the numerics before torch loads)
+from stages import distributed  # noqa: E402
+from stages.device import cpu_name  # noqa: E402
 
 
 def measure(samples: int, threads: int) -> dict[str, float]:
@@ -36,7 +37,6 @@ def measure(samples: int, threads: int) -> dict[str, float]:
     import torch
     from torch import nn
 
-    from stages import distributed
     from stages.config import PROCESSED_DIR, load_params
     from stages.device import configure_threads
     from stages.model import build_model
@@ -88,25 +88,12 @@ def measure(samples: int, threads: int) -> dict[str, float]:
 def launch(nproc: int, samples: int, threads: int) -> dict[str, float]:
     """One fresh run at `nproc` processes: the loop's samples/s, and the whole run's wall time."""
     start = time.perf_counter()
+    program = [__file__, "--worker", "--samples", str(samples), "--threads", str(threads)]
     if nproc == 1:
-        command = [sys.executable, __file__, "--worker", "--samples", str(samples)]
-        command += ["--threads", str(threads)]
+        command = [sys.executable, *program]
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(nproc),
-            __file__,
-            "--worker",
-            "--samples",
-            str(samples),
-            "--threads",
-            str(threads),
-        ]
-    env = {**os.environ, "FMNIST_DDP_WORKER": "1", "OMP_NUM_THREADS": "1"}
+        command = distributed.torchrun_command(nproc, 1, program)
+    env = {**os.environ, distributed.WORKER_ENV: "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, check=True)
     wall = time.perf_counter() - start
     result = next(json.loads(line) for line in out.stdout.splitlines() if line.startswith("{"))
@@ -138,7 +125,7 @@ def main() -> None:
         for n, t in kinds:
             runs[n, t].append(launch(n, args.samples, t))
     report = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpus": os.cpu_count(),
         "samples": args.samples,
         "rounds": args.rounds,
@@ -149,16 +136,6 @@ def main() -> None:
             "wall_s": round(statistics.median(r["wall_s"] for r in results), 2),
         }
     print(json.dumps(report))
-
-
-def _cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(
-            line.split(":", 1)[1].strip() for line in out.splitlines() if "Model name" in line
-        )
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor()
 
 
 if __name__ == "__main__":

@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from stages import numerics
+from stages.device import cpu_name
 from stages.predict import DEFAULT_MODEL_DIR, IMAGE_SIDE, Model, onnx_model, torch_model
 
 Logits = Callable[[np.ndarray], np.ndarray]
@@ -84,26 +83,6 @@ def measure(
         }
         for name in runtimes
     }
-
-
-def cpu_name() -> str:
-    """lscpu's "Model name", else /proc/cpuinfo's, else what platform knows."""
-    try:
-        output = subprocess.run(
-            ["lscpu"], capture_output=True, text=True, check=True, env={**os.environ, "LC_ALL": "C"}
-        ).stdout
-        for line in output.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load(model_dir: Path, threads: int) -> tuple[dict[str, Model], int]:

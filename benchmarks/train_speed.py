@@ -6,7 +6,9 @@ Training throughput, three ways, in one process, on the same number of samples a
   (c) stage:    the train stage's own loop (stages.train.train_loop over the stage's loader),
                 with the same SGD step, so c/b measures what the data path costs;
 and (c') stage_default: the same loop with the default params' optimizer, schedule and
-augmentation, for what a default run really does.
+augmentation, for what a default run really does. (b) and (c) also run in bf16 (`limit_bf16`,
+`stage_bf16`: under torch.autocast, as train.precision bf16 runs, with oneDNN on), with
+`stage_vs_limit_bf16`; `cpu_bf16` says what runs bfloat16 natively here.
 Runs at batch 64 and at the default batch size and prints one JSON line. The loops take turns,
 round after round, and each reports its median: a slow spell on a shared machine then hits every
 loop alike instead of skewing one ratio. Needs data/raw and data/processed
@@ -29,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -40,17 +43,23 @@ from torchvision.transforms import ToTensor
 from stages import numerics
 from stages.config import PROCESSED_DIR, RAW_DIR, load_params
 from stages.dataset import load_dataset, make_loader
-from stages.device import configure_threads, resolve_device
+from stages.device import configure_threads, cpu_name, native_bf16, resolve_device
 from stages.model import NeuralNetwork, build_model
 from stages.train import make_augment, make_optimizer, make_scheduler, train_loop
 
 
-def sgd_step_loop(batches: Iterable, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """The tutorial's loop body, as written there."""
+def sgd_step_loop(
+    batches: Iterable,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    autocast: torch.autocast | None = None,
+) -> None:
+    """The tutorial's loop body, as written there (under `autocast` for bf16)."""
     loss_fn = nn.CrossEntropyLoss()
     for x, y in batches:
-        pred = model(x)
-        loss = loss_fn(pred, y)
+        with autocast or nullcontext():
+            pred = model(x)
+            loss = loss_fn(pred, y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -82,6 +91,17 @@ def samples_per_second(
     return batches * batch_size / (time.perf_counter() - start)
 
 
+def with_onednn(run: Callable[[int], None]) -> Callable[[int], None]:
+    """`run` with oneDNN on, as the train stage has it in bf16 (portable numerics turn it off;
+    the fp32 MLP never uses it)."""
+
+    def run_with_onednn(n: int) -> None:
+        with torch.backends.mkldnn.flags(enabled=True):
+            run(n)
+
+    return run_with_onednn
+
+
 def measure(
     batch_size: int, samples: int, rounds: int, device: torch.device, tutorial_root: Path | None
 ) -> dict[str, float]:
@@ -109,20 +129,21 @@ def measure(
     y_all = torch.randint(0, 10, (x_all.shape[0],), device=device)
     limit_model, limit_optimizer = fresh_sgd()
 
-    def limit(n: int) -> None:
-        sgd_step_loop(
+    def in_memory(n: int) -> Iterable:
+        return (
             (
-                (
-                    x_all[i * batch_size : (i + 1) * batch_size],
-                    y_all[i * batch_size : (i + 1) * batch_size],
-                )
-                for i in range(n)
-            ),
-            limit_model,
-            limit_optimizer,
+                x_all[i * batch_size : (i + 1) * batch_size],
+                y_all[i * batch_size : (i + 1) * batch_size],
+            )
+            for i in range(n)
         )
 
-    runs["limit"] = limit
+    runs["limit"] = lambda n: sgd_step_loop(in_memory(n), limit_model, limit_optimizer)
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16)
+    limit_bf16_model, limit_bf16_optimizer = fresh_sgd()
+    runs["limit_bf16"] = with_onednn(
+        lambda n: sgd_step_loop(in_memory(n), limit_bf16_model, limit_bf16_optimizer, bf16)
+    )
 
     # (c) the stage's data path and loop, same model and SGD step.
     train_data = load_dataset(PROCESSED_DIR, "train", device)
@@ -131,6 +152,16 @@ def measure(
     loss_fn = nn.CrossEntropyLoss()
     runs["stage"] = lambda n: train_loop(
         limited(stage_loader, n), stage_model, loss_fn, stage_optimizer
+    )
+    stage_bf16_model, stage_bf16_optimizer = fresh_sgd()
+    runs["stage_bf16"] = with_onednn(
+        lambda n: train_loop(
+            limited(stage_loader, n),
+            stage_bf16_model,
+            loss_fn,
+            stage_bf16_optimizer,
+            autocast=bf16,
+        )
     )
 
     # (c') the same loop as the default params configure it.
@@ -154,21 +185,10 @@ def measure(
     result = {f"{name}_sps": statistics.median(values) for name, values in timings.items()}
 
     result["stage_vs_limit"] = result["stage_sps"] / result["limit_sps"]
+    result["stage_vs_limit_bf16"] = result["stage_bf16_sps"] / result["limit_bf16_sps"]
     if "tutorial_sps" in result:
         result["stage_vs_tutorial"] = result["stage_sps"] / result["tutorial_sps"]
     return {k: round(v, 3) if "_vs_" in k else round(v) for k, v in result.items()}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def one_round(mode: str, args: argparse.Namespace) -> dict:
@@ -230,12 +250,12 @@ def main() -> None:
     if args.numerics == "both":
         print(json.dumps(compare_numerics(args)))
         return
+    numerics.configure_torch()  # oneDNN as the fp32 stage has it (the bf16 loops turn it on)
     if numerics.describe()["portable"] != (args.numerics == "portable"):
         sys.exit(f"--numerics {args.numerics}: not in effect here ({numerics.describe()})")
     params = load_params()
     device = resolve_device(args.device or params.device)
     threads = configure_threads(params.train.num_threads)
-    numerics.configure_torch()
     default_batch = params.train.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "FashionMNIST" / "raw"  # torchvision's layout; it md5-checks the files
@@ -247,7 +267,7 @@ def main() -> None:
             ),
         }
     report.update(device=str(device), threads=threads, samples=args.samples, rounds=args.rounds)
-    report.update(numerics=numerics.describe(), cpu=cpu_name())
+    report.update(numerics=numerics.describe(), cpu=cpu_name(), cpu_bf16=native_bf16(device))
     print(json.dumps(report))
 
 

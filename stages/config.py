@@ -100,6 +100,9 @@ class TrainParams(Section):
     num_threads: Annotated[int, Field(ge=0)] = 0  # 0: one per physical core
     checkpoint_every_steps: Annotated[int, Field(ge=0)] = 0  # 0: at the end of each epoch only
     deterministic: bool = False  # CUDA: deterministic kernels (the CPU path always is)
+    # bf16: forward and loss under torch.autocast in bfloat16; weights, optimizer state and the
+    # saved weights stay fp32, and so do evaluation and export (docs/results.md "bf16").
+    precision: Literal["fp32", "bf16"] = "fp32"
     # Data-parallel training (docs/ddp.md): 1 trains in this process, as always; N > 1 starts N
     # workers with torchrun, each on its share of every global batch of batch_size images.
     nproc_per_node: Annotated[int, Field(ge=1)] = 1

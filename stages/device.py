@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -69,3 +71,38 @@ def configure_determinism(deterministic: bool, log: Logger = LOG) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         log.info("deterministic algorithms on")
+
+
+# /proc/cpuinfo flags of CPUs that run bfloat16 matmuls natively, fastest first.
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16(device: torch.device) -> str | None:
+    """What runs bfloat16 natively on `device` (a CPU flag, or the GPU); None if nothing does."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device) if torch.cuda.is_bf16_supported() else None
+    if device.type != "cpu":
+        return None
+    found = [flag for flag in BF16_FLAGS if flag in cpu_flags()]
+    return found[0] if found else None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo, as lscpu shows it), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

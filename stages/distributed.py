@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -122,11 +123,25 @@ def _set_parent_death_signal() -> None:  # in the torchrun child, before it runs
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def torchrun_command(nproc: int, nnodes: int, program: list[str]) -> list[str]:
+    """`python -m torch.distributed.run ... PROGRAM`: `nproc` workers here, on one of `nnodes`."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *rendezvous(nnodes),
+        "--nproc-per-node",
+        str(nproc),
+        "--monitor-interval",
+        "0.5",
+        *program,
+    ]
+
+
 def launch(params: Any, paths: dict[str, Path], logger: Logger) -> dict[str, float]:
     """Runs training on `train.nproc_per_node` workers (on each of `train.nnodes` machines);
     returns this machine's local rank 0's last epoch metrics."""
     nproc, nnodes = params.train.nproc_per_node, params.train.nnodes
-    meeting = rendezvous(nnodes)
     with tempfile.TemporaryDirectory(prefix="fmnist-ddp-") as tmp:
         folder = Path(tmp)
         spec = folder / "spec.json"
@@ -139,19 +154,7 @@ def launch(params: Any, paths: dict[str, Path], logger: Logger) -> dict[str, flo
             )
         )
         (folder / "scratch").mkdir()
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            *meeting,
-            "--nproc-per-node",
-            str(nproc),
-            "--monitor-interval",
-            "0.5",
-            "-m",
-            "stages.distributed",
-            str(spec),
-        ]
+        command = torchrun_command(nproc, nnodes, ["-m", "stages.distributed", str(spec)])
         env = {**os.environ, WORKER_ENV: "1", SCRATCH_ENV: str(folder / "scratch")}
         env.setdefault("OMP_NUM_THREADS", "1")  # each worker sets its own count (threads())
         logger.info("starting %d data-parallel workers here: %s", nproc, " ".join(command))
@@ -267,6 +270,7 @@ class Rank:
         scheduler: torch.optim.lr_scheduler.LRScheduler | None,
         record: Any,
         after_batch: Callable[[Any], None] | None = None,
+        autocast: torch.autocast | None = None,
     ) -> Any:
         """stages.train.train_loop on this rank's part of each global batch. The loss is weighted
         by the part's share, so DDP's average is the whole batch's gradient; the batch's loss
@@ -277,7 +281,8 @@ class Rank:
             part = self.part(total)
             x, y = x[part], y[part]
             record.lrs.append(optimizer.param_groups[0]["lr"])
-            loss = loss_fn(model(x), y)
+            with autocast or nullcontext():
+                loss = loss_fn(model(x), y)
             (loss * (y.shape[0] * self.world / total)).backward()
             optimizer.step()
             optimizer.zero_grad()

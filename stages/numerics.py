@@ -46,11 +46,21 @@ def pin() -> None:
     os.environ.update(PORTABLE)
 
 
-def configure_torch() -> None:
-    """oneDNN off while portable numerics are in effect (on, as torch has it, otherwise)."""
+BF16_REASON = (
+    "train.precision bf16: its matmuls need oneDNN's bf16 kernels, picked by CPU, so the same "
+    "bytes hold on this CPU model only"
+)
+_bf16 = False
+
+
+def configure_torch(bf16: bool = False) -> None:
+    """oneDNN off while portable numerics are in effect (on, as torch has it, otherwise). bf16
+    training keeps it on: without oneDNN, torch runs bf16 matmuls on the CPU slowly."""
     import torch
 
-    torch.backends.mkldnn.enabled = not _pinned(torch)
+    global _bf16
+    _bf16 = bf16
+    torch.backends.mkldnn.enabled = bf16 or not _pinned(torch)
 
 
 def _pinned(torch: Any) -> bool:
@@ -67,7 +77,9 @@ def describe() -> dict[str, str | bool]:
     described: dict[str, str | bool] = {"portable": portable, "cpu_capability": capability}
     described.update({name.lower(): os.environ.get(name, "") for name in PORTABLE})
     described["onednn"] = torch.backends.mkldnn.enabled
-    if wanted() and not portable:
+    if wanted() and not portable and _bf16 and _pinned(torch):
+        described["why_not"] = BF16_REASON
+    elif wanted() and not portable:
         described["why_not"] = (
             f"not available here ({platform.machine()}, torch CPU capability {capability}): the "
             "same-bytes guarantee covers x86-64 CPUs with AVX2"

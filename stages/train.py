@@ -25,6 +25,7 @@ if __name__ == "__main__":  # --help and a bad argument answer before torch and 
 
 import random
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,13 @@ from stages.config import (
     TrainParams,
 )
 from stages.dataset import IndexBatchSampler, ShiftFlip, load_dataset, make_loader
-from stages.device import Logger, configure_determinism, configure_threads, resolve_device
+from stages.device import (
+    Logger,
+    configure_determinism,
+    configure_threads,
+    native_bf16,
+    resolve_device,
+)
 from stages.errors import StageError
 from stages.fashion_mnist import STATS_FILE, load_stats
 from stages.model import accuracy, build_model, test_losses
@@ -163,13 +170,16 @@ def train_loop(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     record: EpochRecord | None = None,
     after_batch: Callable[[EpochRecord], None] | None = None,
+    autocast: torch.autocast | None = None,
 ) -> EpochRecord:
-    """The tutorial's train loop over one epoch's batches, adding each batch to `record`."""
+    """The tutorial's train loop over one epoch's batches, adding each batch to `record`; with
+    `autocast` (train.precision bf16), the forward pass and the loss run under it."""
     record = EpochRecord() if record is None else record
     model.train()
     for x, y in dataloader:
         record.lrs.append(optimizer.param_groups[0]["lr"])
-        loss = loss_fn(model(x), y)
+        with autocast or nullcontext():
+            loss = loss_fn(model(x), y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -391,6 +401,23 @@ def processed_inputs(processed_dir: Path) -> dict[str, str]:
     return recorded_outputs(Path(processed_dir) / RECORD_FILE, "preprocess", *files)
 
 
+def mixed_precision(precision: str, device: torch.device, logger: Logger) -> torch.autocast | None:
+    """`train.precision: bf16`: torch.autocast in bfloat16 for the forward pass and the loss,
+    the weights and optimizer state staying fp32; None for fp32."""
+    if precision == "fp32":
+        return None
+    native = native_bf16(device)
+    if native is None:
+        logger.warning(
+            "train.precision = 'bf16' on %s without native bfloat16 (no AMX or AVX512-BF16 on a "
+            "CPU): expect it slower than fp32",
+            device,
+        )
+    else:
+        logger.info("bf16 autocast on %s: native bfloat16 (%s)", device.type, native)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def log_numerics(device: torch.device, logger: Logger) -> None:
     described = numerics.describe()
     if described["portable"]:
@@ -460,8 +487,9 @@ def train(
     device = rank.device
     weights_path, live_dir = rank.outs(weights_path, live_dir)  # rank 0 alone writes the outs
     num_threads = configure_threads(rank.threads(hp.num_threads), logger)
-    numerics.configure_torch()
+    numerics.configure_torch(bf16=hp.precision == "bf16")
     log_numerics(device, logger)
+    autocast = mixed_precision(hp.precision, device, logger)
     record_path = Path(weights_path).with_name(RECORD_FILE)
     require_writable(weights_path, record_path, checkpoint_path, files=True)  # folders refused
     require_writable(live_dir)
@@ -518,7 +546,14 @@ def train(
             order_generator.set_state(progress.order)
             sampler.skip = len(progress.record.losses)
             rank.train_loop(
-                train_loader, trained, loss_fn, optimizer, scheduler, progress.record, after_batch
+                train_loader,
+                trained,
+                loss_fn,
+                optimizer,
+                scheduler,
+                progress.record,
+                after_batch,
+                autocast,
             )
             require_finite(progress.record, epoch, steps_per_epoch, hp)
             metrics = rank.epoch_metrics(model, val_loader, progress.record, hp.label_smoothing)

@@ -1,4 +1,8 @@
 import importlib.util
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +59,54 @@ def test_predict_speed_measures_both_runtimes_in_turns_and_names_the_cpu() -> No
     assert order == ["torch", "onnxruntime"] * 2
     assert set(predict_speed.speedup(figures)) == set(figures["torch"])
     assert predict_speed.cpu_name().strip()
+
+
+def test_time_to_accuracy_reads_the_stages_epoch_lines_and_summarises_the_seeds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import logging
+
+    tta = load_benchmark("time_to_accuracy")
+    monkeypatch.chdir(ROOT)
+    fast = tta.with_overrides(tta.FAST_PROFILE)  # the documented profile is valid params
+    assert fast.train.precision == "bf16"
+    clock = tta.EpochClock()
+    logger = logging.getLogger("test.epochs")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(clock)
+    logger.info("epoch %d/%d: %s", 1, 2, "val/accuracy 0.8")  # stages.train's own format
+    logger.info("wrote %s", "w.pth")
+    assert list(clock.at) == [1]
+    runs = [
+        {"train_s": 10.0, "accuracy": 0.9051, "time_to_90_s": 6.0},
+        {"train_s": 12.0, "accuracy": 0.9049, "time_to_90_s": 8.0},
+        {"train_s": 11.0, "accuracy": 0.9062, "time_to_90_s": 7.0},
+    ]
+    figures = tta.summary(runs, fast, train_size=54_000)
+    assert figures == {
+        "train_s": 11.0,
+        "accuracies": [0.9051, 0.9049, 0.9062],
+        "mean": 0.9054,
+        "time_to_90_s": 7.0,
+        "sps": round(fast.train.epochs * 54_000 / 11.0),
+    }
+    runs[1]["time_to_90_s"] = None  # a seed that never got there: no time for the kind
+    assert tta.summary(runs, fast, train_size=54_000)["time_to_90_s"] is None
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 only")
+@pytest.mark.parametrize("name", ["accuracy", "time_to_accuracy", "compile_speed", "ddp_speed"])
+def test_a_benchmark_that_trains_pins_the_portable_numerics_before_torch_loads(name: str) -> None:
+    """The stage trains with portable numerics (stages/numerics.py); a benchmark that imported
+    torch before `stages` would time and score other numerics (import sorting can do that)."""
+    code = (
+        f"import sys; sys.path.insert(0, 'benchmarks'); import {name}, torch; "
+        "print(torch.backends.cpu.get_cpu_capability())"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
+    env.pop("FMNIST_PORTABLE_NUMERICS", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "AVX2"

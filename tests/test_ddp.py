@@ -193,7 +193,9 @@ def test_a_killed_worker_stops_the_stage_with_an_error(
                 and "torch.distributed.run" not in line
             ]
         assert len(workers) == 2
-        time.sleep(2)  # into training
+        while not (tmp_path / "ck.pt").exists():  # into training: an epoch is done
+            assert time.monotonic() < deadline and stage.poll() is None, "no checkpoint"
+            time.sleep(0.1)
         workers[-1].send_signal(signal.SIGKILL)
         killed = time.monotonic()
         _, stderr = stage.communicate(timeout=60)
@@ -201,6 +203,16 @@ def test_a_killed_worker_stops_the_stage_with_an_error(
         assert stage.returncode != 0
         assert "data-parallel training failed" in stderr, stderr[-2000:]
         assert not (tmp_path / "w.pth").exists()
+        assert (tmp_path / "ck.pt").is_file()
+        # The next run resumes from rank 0's checkpoint (then it is stopped: 100,000 epochs).
+        stage = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+        assert stage.stderr is not None
+        for line in stage.stderr:
+            if "resuming from" in line:
+                assert str(tmp_path / "ck.pt") in line
+                break
+        else:
+            raise AssertionError("the run after the kill did not resume")
     finally:
         if stage.poll() is None:
             for child in psutil.Process(stage.pid).children(recursive=True):

@@ -133,6 +133,43 @@ def test_batch_larger_than_the_split_is_refused(
     assert not (tmp_path / "w.pth").exists()
 
 
+def with_train(params: Params, **changes: object) -> Params:
+    return params.model_copy(update={"train": params.train.model_copy(update=changes)})
+
+
+def test_bf16_trains_under_autocast_into_fp32_weights_byte_for_byte_again(
+    tmp_path: Path,
+    processed_dir: Path,
+    small_params: Params,
+    trained: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    params = with_train(small_params, precision="bf16")
+    runs = [tmp_path / "a", tmp_path / "b"]
+    with caplog.at_level(logging.INFO, logger="stages.train"):
+        for run in runs:
+            train.fn(params, processed_dir, run / "w.pth", run / "live", run / "ck.pt")
+    assert "bf16 autocast on cpu" in caplog.text or "without native bfloat16" in caplog.text
+    weights = load_torch(runs[0] / "w.pth")
+    assert all(tensor.dtype == torch.float32 for tensor in weights.values())
+    assert (runs[0] / "w.pth").read_bytes() == (runs[1] / "w.pth").read_bytes()
+    fp32 = load_torch(trained["weights_path"])
+    assert not all(torch.equal(weights[k], fp32[k]) for k in fp32)  # autocast took effect
+    record = json.loads((runs[0] / "record.json").read_text())
+    assert record["params"]["train"]["precision"] == "bf16"
+    accuracy = float((runs[0] / "live/plots/metrics/val/accuracy.tsv").read_text().split()[-1])
+    assert accuracy > 0.5  # it learns as fp32 does (chance is 0.1)
+
+
+def test_bf16_divergence_is_caught_as_in_fp32(
+    tmp_path: Path, processed_dir: Path, small_params: Params
+) -> None:
+    params = with_train(small_params, optimizer="sgd", learning_rate=1e30, precision="bf16")
+    with pytest.raises(StageError, match=r"training diverged: loss (nan|inf) at epoch 1, step"):
+        train.fn(params, processed_dir, tmp_path / "w.pth", tmp_path / "live")
+    assert not (tmp_path / "w.pth").exists()
+
+
 def test_divergence_names_epoch_step_and_learning_rate(
     tmp_path: Path, processed_dir: Path, small_params: Params
 ) -> None:
@@ -205,15 +242,18 @@ def resumable(small_params: Params) -> Params:
     return small_params.model_copy(update={"train": p})
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("kill_after", [1, 2, 4, 6])  # mid-epoch 1, end of 1, mid 3, end of 3
 def test_resume_after_interruption_is_byte_identical(
     tmp_path: Path,
     processed_dir: Path,
     resumable: Params,
     kill_after: int,
+    precision: str,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    resumable = with_train(resumable, precision=precision)
     unbroken = tmp_path / "unbroken"
     train.fn(resumable, processed_dir, unbroken / "w.pth", unbroken / "live", unbroken / "ck.pt")
     assert not (unbroken / "ck.pt").exists()  # deleted once the weights are written

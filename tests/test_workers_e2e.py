@@ -171,7 +171,7 @@ def test_a_dead_workers_run_turns_crashed_and_a_rerun_resumes_training(
         healthy = start_run(team, api, *QUICK)
         assert wait_for_flow_run(api, healthy, timeout=120)["state"]["type"] == "COMPLETED"
         # The worker's machine dies mid-training: every process in its clone is killed.
-        edit_params(team.worker, train={"epochs": 4})
+        edit_params(team.worker, train={"epochs": 3})
         dead = start_run(team, api, 'targets=["train"]', "pull=false", "push=false")
         deadline = time.monotonic() + 120
         while not (team.worker / CHECKPOINT).exists():  # epoch 1 done
