@@ -32,6 +32,8 @@ STAGES = ["download", "preprocess", "train", "evaluate", "export"]
 WORK_S = {"download": 1.0, "preprocess": 2.0, "train": 4.0, "evaluate": 2.0, "export": 1.0}
 CHECKPOINT = Path("models/checkpoints/train.pt")
 FIRST_RUN_KILLS = {"train": 2}  # twice for train: a resume of a resumed run
+# A kill while a forced rerun replaces outs the stage already has: the stages with most to lose.
+FORCED_RERUN_KILLS = ("train", "evaluate", "export")
 LEFTOVER = re.compile(r"^\.[\w.-]+\.\d+\.\w+\.tmp$")  # stages/artifacts.py's temporary names
 
 
@@ -112,11 +114,12 @@ def test_sigterm_to_dvc_repro_stops_its_stage_and_the_next_run_resumes(
 def test_sigkill_at_random_moments_in_every_stage_loses_nothing(
     pipeline: tuple[Path, str], tmp_path: Path, real_mirror: Path
 ) -> None:
-    """Each stage is killed on its first run (so it has no outs yet; train twice) and while a
-    forced rerun replaces outs it already has. After every kill dvc.lock and the cache are
-    intact: `dvc repro` finishes with the unbroken run's hashes, and after a killed rerun it
-    takes the outs from its run-cache without running the stage. A killed writer's
-    temporaries may stay (git ignores them) until that out is next written."""
+    """Each stage is killed on its first run (so it has no outs yet; train twice), and train,
+    evaluate and export also while a forced rerun replaces outs they already have. After every
+    kill dvc.lock and the cache are intact: `dvc repro` finishes with the unbroken run's
+    hashes, and after a killed rerun it takes the outs from its run-cache without running the
+    stage. A killed writer's temporaries may stay (git ignores them) until that out is next
+    written."""
     rng = random.Random(int(os.environ.get("KILL_SEED", "0")))
     expected = outs_by_stage(pipeline[0])
     repo = copy_repo(tmp_path / "repo")
@@ -134,6 +137,8 @@ def test_sigkill_at_random_moments_in_every_stage_loses_nothing(
         assert stage in stages_run(finished.stdout) or "didn't change" in finished.stdout
         assert outs_by_stage(repo)[stage] == expected[stage]
 
+        if stage not in FORCED_RERUN_KILLS:
+            continue
         runner = Runner(repo, "--force", "--single-item", stage, **mirror)
         assert runner.wait_for(f"{stage}: starting"), runner.output
         time.sleep(rng.uniform(0, WORK_S[stage]))
@@ -154,7 +159,7 @@ def test_sigkill_at_random_moments_in_every_stage_loses_nothing(
     ).stdout.split()
     assert len(ignored) == len(leftovers), leftovers
     print(f"kills ({len(kills)}): {', '.join(kills)}")
-    assert len(kills) >= 7, kills  # most draws land inside the stage's work
+    assert len(kills) >= 6, kills  # most draws land inside the stage's work
 
 
 def test_a_second_dvc_repro_fails_fast_with_busy(pipeline_copy: Path) -> None:
