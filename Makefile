@@ -48,9 +48,10 @@ server: setup
 # prefect.yaml's deployment on the server at PREFECT_API_URL: its work pool (unless it exists),
 # the deployment, and the automation that marks a dead worker's runs Crashed (unless it exists).
 POOL = fashion-mnist
+REQUIRE_API_URL = test -n "$$PREFECT_API_URL" || { echo "error: PREFECT_API_URL is unset: export the Prefect server's API URL (docs/workers.md)" >&2; exit 1; }
 AUTOMATION = fashion-mnist: crash flow runs that stopped beating
 deploy: setup
-	@test -n "$$PREFECT_API_URL" || { echo "error: PREFECT_API_URL is unset: export the Prefect server's API URL (docs/workers.md)" >&2; exit 1; }
+	@$(REQUIRE_API_URL)
 	$(BIN)/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || $(BIN)/prefect work-pool create $(POOL) --type process
 	$(BIN)/prefect --no-prompt deploy --all
 	$(BIN)/prefect automation inspect "$(AUTOMATION)" >/dev/null 2>&1 || $(BIN)/prefect automation create --from-file flows/automations.yaml
@@ -58,7 +59,7 @@ deploy: setup
 # A Prefect worker for prefect.yaml's deployment: it polls the work pool $(POOL) and runs each flow
 # run in this checkout, one at a time (docs/workers.md). Needs PREFECT_API_URL.
 worker: setup
-	@test -n "$$PREFECT_API_URL" || { echo "error: PREFECT_API_URL is unset: export the Prefect server's API URL (docs/workers.md)" >&2; exit 1; }
+	@$(REQUIRE_API_URL)
 	FMNIST_WORKER_REPO="$(CURDIR)" $(BIN)/prefect worker start --pool $(POOL) --limit 1
 
 lint: setup

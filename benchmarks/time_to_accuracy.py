@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from accuracy import with_overrides  # noqa: E402
-from train_speed import samples_per_second, sgd_step_loop  # noqa: E402
+from train_speed import bare_compute, samples_per_second  # noqa: E402
 
 from stages.config import PROCESSED_DIR, Params  # noqa: E402
 from stages.dataset import load_dataset, make_loader  # noqa: E402
 from stages.device import cpu_name, native_bf16, resolve_device  # noqa: E402
-from stages.model import NeuralNetwork, accuracy, load_model, test_loop  # noqa: E402
+from stages.model import accuracy, load_model, test_loop  # noqa: E402
 from stages.train import train  # noqa: E402
 
 # The fast profile (docs/results.md "bf16 and the fast profile"): bf16 autocast, 4x the batch.
@@ -100,29 +100,15 @@ def summary(runs: list[dict], params: Params, train_size: int) -> dict:
 
 def limits(batch_size: int, device: torch.device, samples: int = 30_000) -> dict[str, int]:
     """The MLP's forward, backward and SGD step on tensors in memory, in fp32 and in bf16."""
-    x = torch.randn(samples + 20 * batch_size, 1, 28, 28, device=device)
-    y = torch.randint(0, 10, (x.shape[0],), device=device)
-
-    def in_memory(n: int) -> list:
-        return [
-            (x[i * batch_size : (i + 1) * batch_size], y[i * batch_size : (i + 1) * batch_size])
-            for i in range(n)
-        ]
-
-    figures = {}
-    for name, autocast in (("fp32", None), ("bf16", torch.autocast(device.type, torch.bfloat16))):
-        model = NeuralNetwork().to(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-        with torch.backends.mkldnn.flags(enabled=True):
-            figures[name] = round(
-                samples_per_second(
-                    lambda n: sgd_step_loop(in_memory(n), model, optimizer, autocast),  # noqa: B023
-                    batch_size,
-                    samples,
-                    device,
-                )
+    bf16 = torch.autocast(device.type, torch.bfloat16)
+    return {
+        name: round(
+            samples_per_second(
+                bare_compute(batch_size, samples, device, autocast), batch_size, samples, device
             )
-    return figures
+        )
+        for name, autocast in (("fp32", None), ("bf16", bf16))
+    }
 
 
 def main() -> None:

@@ -102,6 +102,23 @@ def with_onednn(run: Callable[[int], None]) -> Callable[[int], None]:
     return run_with_onednn
 
 
+def bare_compute(
+    batch_size: int, samples: int, device: torch.device, autocast: torch.autocast | None = None
+) -> Callable[[int], None]:
+    """run(n): n SGD steps of the tutorial's model on random batches already on `device` (the
+    limit: no data path at all); under `autocast` for bf16, with oneDNN on."""
+    x_all = torch.randn(samples + 20 * batch_size, 1, 28, 28, device=device)
+    y_all = torch.randint(0, 10, (x_all.shape[0],), device=device)
+    model = NeuralNetwork().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def run(n: int) -> None:
+        parts = (slice(i * batch_size, (i + 1) * batch_size) for i in range(n))
+        sgd_step_loop(((x_all[part], y_all[part]) for part in parts), model, optimizer, autocast)
+
+    return run if autocast is None else with_onednn(run)
+
+
 def measure(
     batch_size: int, samples: int, rounds: int, device: torch.device, tutorial_root: Path | None
 ) -> dict[str, float]:
@@ -125,25 +142,9 @@ def measure(
         runs["tutorial"] = tutorial
 
     # (b) no data path at all: batches are views of tensors already on the device.
-    x_all = torch.randn(samples + 20 * batch_size, 1, 28, 28, device=device)
-    y_all = torch.randint(0, 10, (x_all.shape[0],), device=device)
-    limit_model, limit_optimizer = fresh_sgd()
-
-    def in_memory(n: int) -> Iterable:
-        return (
-            (
-                x_all[i * batch_size : (i + 1) * batch_size],
-                y_all[i * batch_size : (i + 1) * batch_size],
-            )
-            for i in range(n)
-        )
-
-    runs["limit"] = lambda n: sgd_step_loop(in_memory(n), limit_model, limit_optimizer)
+    runs["limit"] = bare_compute(batch_size, samples, device)
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16)
-    limit_bf16_model, limit_bf16_optimizer = fresh_sgd()
-    runs["limit_bf16"] = with_onednn(
-        lambda n: sgd_step_loop(in_memory(n), limit_bf16_model, limit_bf16_optimizer, bf16)
-    )
+    runs["limit_bf16"] = bare_compute(batch_size, samples, device, bf16)
 
     # (c) the stage's data path and loop, same model and SGD step.
     train_data = load_dataset(PROCESSED_DIR, "train", device)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from .helpers.cache import cache_object
 from .helpers.tools import dvc, stages_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -36,10 +37,6 @@ def experiment(repo: Path, name: str) -> dict[str, Any]:
 
 def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def cache_object(repo: Path, md5_hash: str) -> Path:
-    return repo / ".dvc" / "cache" / "files" / "md5" / md5_hash[:2] / md5_hash[2:]
 
 
 def learning_rate(params_text: str) -> float:

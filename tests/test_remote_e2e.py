@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
+from .helpers.cache import lock_md5, object_in
 from .helpers.git import commit_all, fresh_clone
 from .helpers.prefect import prefect_api
 from .helpers.s3 import CREDENTIALS, s3_endpoint
@@ -43,15 +43,6 @@ def summary(api: str, output: str) -> str:
     run_id = output.split("flow run id ", 1)[1][:36]
     artifacts = prefect_api(api, "/artifacts/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
     return next(a["data"] for a in artifacts if a["key"] == "pipeline-summary")
-
-
-def cache_object(repo: Path, out: str) -> str:
-    """The md5 dvc.lock records for `out`."""
-    for stage in yaml.safe_load((repo / "dvc.lock").read_text())["stages"].values():
-        for entry in stage.get("outs", []):
-            if entry["path"] == out:
-                return entry["md5"]
-    raise AssertionError(f"{out} not in dvc.lock")
 
 
 def test_push_clone_pull_through_a_folder_remote_and_the_flow(
@@ -89,8 +80,8 @@ def test_push_clone_pull_through_a_folder_remote_and_the_flow(
 
     # A remote that lost the weights (train's and export's copies share one object): `dvc pull`
     # names them; the flow reruns train, and --push puts the object back.
-    md5 = cache_object(repo, TRAINED)
-    lost = remote / "files" / "md5" / md5[:2] / md5[2:]
+    md5 = lock_md5(repo, TRAINED)
+    lost = object_in(remote, md5)
     lost.unlink()
     partial = fresh_clone(repo, tmp_path / "partial")
     failed = dvc(partial, "pull", check=False)

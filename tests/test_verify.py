@@ -16,11 +16,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import yaml
 
 from stages import verify
 
-from .helpers.cache import cache_object, corrupt_keeping_stat
+from .helpers.cache import cache_object, corrupt_keeping_stat, lock_md5
 from .helpers.tools import REPO, dvc, run, tool_env
 
 UP_TO_DATE = "Data and pipelines are up to date."
@@ -75,12 +74,6 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def project(tiny_project: Path, tmp_path: Path) -> Path:
     # A new path: DVC's state database, kept per project path, starts empty for each copy.
     return Path(shutil.copytree(tiny_project, tmp_path / "repo", symlinks=True))
-
-
-def lock_md5(repo: Path, path: str) -> str:
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    outs = [out for stage in lock["stages"].values() for out in stage.get("outs", [])]
-    return next(out["md5"] for out in outs if out["path"] == path)
 
 
 def md5(data: bytes) -> str:

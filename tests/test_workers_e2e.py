@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from .helpers.cache import lock_md5, object_in
 from .helpers.git import commit_all, fresh_clone
 from .helpers.prefect import (
     MAKE_VARS,
@@ -37,15 +38,6 @@ def prefect(repo: Path, api: str, *args: str) -> subprocess.CompletedProcess:
     """The prefect CLI in `repo`, as a user with PREFECT_API_URL set; never prompts."""
     command = [str(VENV_BIN / "prefect"), "--no-prompt", *args]
     return run(command, repo, tool_env(PREFECT_API_URL=api))
-
-
-def lock_md5(repo: Path, out: str) -> str:
-    """The md5 dvc.lock records for the file out `out`."""
-    for stage in yaml.safe_load((repo / "dvc.lock").read_text())["stages"].values():
-        for entry in stage.get("outs", []):
-            if entry["path"] == out:
-                return entry["md5"]
-    raise AssertionError(f"{out} not in dvc.lock")
 
 
 @dataclass
@@ -118,7 +110,7 @@ def test_workers_in_their_own_clone_run_each_flow_run_once_one_at_a_time_and_pus
     ]
     # The remote loses the model card, which the worker's clone has: only its push restores it.
     md5 = lock_md5(pipeline_copy, CARD)
-    lost = team.remote / "files" / "md5" / md5[:2] / md5[2:]
+    lost = object_in(team.remote, md5)
     lost.unlink()
 
     # Two workers poll the pool, whose concurrency limit is 1: each run runs once, one at a time.

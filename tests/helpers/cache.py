@@ -1,4 +1,4 @@
-"""DVC cache objects, and damage to them that DVC cannot see (tests of stages/verify.py)."""
+"""DVC cache objects, what dvc.lock names, and damage to objects that DVC cannot see."""
 
 from __future__ import annotations
 
@@ -6,10 +6,27 @@ import os
 import stat
 from pathlib import Path
 
+import yaml
+
+
+def object_in(store: Path, md5: str) -> Path:
+    """Where DVC 3 keeps the object named md5 (a folder's ends in .dir) in a cache or a folder
+    remote."""
+    return store / "files" / "md5" / md5[:2] / md5[2:]
+
 
 def cache_object(repo: Path, md5: str) -> Path:
-    """Where DVC 3 keeps the object named md5 (a folder's ends in .dir) in repo's local cache."""
-    return repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    """The object named md5 in repo's local cache."""
+    return object_in(repo / ".dvc" / "cache", md5)
+
+
+def lock_md5(repo: Path, out: str) -> str:
+    """The md5 repo's dvc.lock records for the out `out` (a file, or a folder's .dir)."""
+    for stage in yaml.safe_load((repo / "dvc.lock").read_text())["stages"].values():
+        for entry in stage.get("outs", []):
+            if entry["path"] == out:
+                return entry["md5"]
+    raise AssertionError(f"{out} not in dvc.lock")
 
 
 def corrupt_keeping_stat(path: Path) -> bytes:
