@@ -13,7 +13,7 @@ import pytest
 
 from .helpers.disk import read_only_view
 from .helpers.prefect import prefect_api
-from .helpers.repo import SMALL, copy_repo, edit_params
+from .helpers.repo import SMALL, clone_pipeline, copy_repo, edit_params
 from .helpers.tools import VENV_BIN, dvc, run, stages_run, stop_session, tool_env
 
 pytestmark = pytest.mark.e2e
@@ -42,9 +42,20 @@ def task_states(api: str, run_id: str) -> dict[str, str]:
     return {r["name"].rsplit("-", 1)[0]: r["state"]["name"] for r in runs}  # "train-a2f"
 
 
-def test_flow_after_repro_caches_every_stage(pipeline_copy: Path, prefect_server: str) -> None:
-    result, run_id = run_flow(pipeline_copy, prefect_server)
+@pytest.fixture(scope="module")
+def cached_flow_run(
+    pipeline: tuple[Path, str], prefect_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """The id of one flow run in a copy of the reproduced pipeline: every task cached. The cache
+    test and the UI test read the same run, which neither changes."""
+    repo = clone_pipeline(pipeline[0], tmp_path_factory.mktemp("cached") / "repo")
+    result, run_id = run_flow(repo, prefect_server)
     assert run_id, result.stderr
+    return run_id
+
+
+def test_flow_after_repro_caches_every_stage(cached_flow_run: str, prefect_server: str) -> None:
+    run_id = cached_flow_run
     assert task_states(prefect_server, run_id) == dict.fromkeys(STAGES, "Cached")
     flow_run = prefect_api(prefect_server, f"/flow_runs/{run_id}")
     assert flow_run["state"]["type"] == "COMPLETED"
@@ -221,8 +232,8 @@ CHROMIUM = shutil.which("chromium")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
-def test_ui_shows_every_task_run(pipeline_copy: Path, prefect_server: str, tmp_path: Path) -> None:
-    _, run_id = run_flow(pipeline_copy, prefect_server)
+def test_ui_shows_every_task_run(cached_flow_run: str, prefect_server: str, tmp_path: Path) -> None:
+    run_id = cached_flow_run
     ui = prefect_server.removesuffix("/api")
     url = f"{ui}/runs/flow-run/{run_id}?tab=Task%20Runs"
     flags = [

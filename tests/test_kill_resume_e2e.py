@@ -42,16 +42,29 @@ def outs_by_stage(repo: Path) -> dict[str, list]:
     return {name: stage.get("outs", []) for name, stage in lock.items()}
 
 
+# Two epochs, a checkpoint every 100 batches: the run the kill tests interrupt.
+CHANGED = {"train": {"epochs": 2, "checkpoint_every_steps": 100, "learning_rate": 0.05}}
+
+
+@pytest.fixture(scope="module")
+def unbroken(pipeline: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reproduced pipeline after `dvc repro train` with CHANGED, uninterrupted; read only."""
+    repo = clone_pipeline(pipeline[0], tmp_path_factory.mktemp("unbroken") / "repo")
+    edit_params(repo, **CHANGED)
+    dvc(repo, "repro", "train")
+    return repo
+
+
 @pytest.mark.parametrize("resume_with", ["dvc repro", "flow"])
 def test_train_killed_mid_epoch_resumes_to_the_same_weights(
-    pipeline: tuple[Path, str], tmp_path: Path, resume_with: str, request: pytest.FixtureRequest
+    pipeline: tuple[Path, str],
+    unbroken: Path,
+    tmp_path: Path,
+    resume_with: str,
+    request: pytest.FixtureRequest,
 ) -> None:
-    changed = {"train": {"epochs": 2, "checkpoint_every_steps": 100, "learning_rate": 0.05}}
-    unbroken = clone_pipeline(pipeline[0], tmp_path / "unbroken")
     killed = clone_pipeline(pipeline[0], tmp_path / "killed")
-    for repo in (unbroken, killed):
-        edit_params(repo, **changed)
-    dvc(unbroken, "repro", "train")
+    edit_params(killed, **CHANGED)
 
     runner = Runner(killed, "train")
     deadline = time.monotonic() + 120

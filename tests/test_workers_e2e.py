@@ -23,7 +23,7 @@ from .helpers.prefect import (
     processes_in,
     wait_for_flow_run,
 )
-from .helpers.repo import edit_params
+from .helpers.repo import clone_pipeline, edit_params
 from .helpers.tools import REPO, VENV_BIN, dvc, run, tool_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -42,14 +42,23 @@ def prefect(repo: Path, api: str, *args: str) -> subprocess.CompletedProcess:
 
 @dataclass
 class Team:
+    origin: Path  # the reproduced pipeline, committed and pushed
     remote: Path  # the shared DVC remote (a folder)
     worker: Path  # the worker machine's clone, after `dvc pull`
     submitter: Path  # a clone with no outs, which deploys and starts runs
 
 
-def deployed(repo: Path, api: str, tmp_path: Path) -> Team:
-    """The reproduced `repo` committed with a folder remote and pushed; a worker's clone that has
-    pulled it; the work pool created and prefect.yaml deployed from a third clone, with no outs."""
+@pytest.fixture(scope="module")
+def team(
+    pipeline: tuple[Path, str], prefect_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Team:
+    """The reproduced pipeline committed with a folder remote and pushed; a worker's clone that
+    has pulled it; the work pool created and prefect.yaml deployed from a third clone, with no
+    outs. The module's tests share it in file order: the dead-worker test comes last, as it
+    leaves the worker's clone with changed params."""
+    tmp_path = tmp_path_factory.mktemp("team")
+    repo = clone_pipeline(pipeline[0], tmp_path / "origin")
+    api = prefect_server
     remote = tmp_path / "remote"
     dvc(repo, "remote", "add", "-d", "shared", str(remote))
     commit_all(repo, "a reproduced pipeline, its remote and prefect.yaml")
@@ -62,7 +71,7 @@ def deployed(repo: Path, api: str, tmp_path: Path) -> Team:
         env.pop(name, None)
     result = run(make_target(submitter, "deploy"), submitter, env)  # pool, deployment, automation
     assert DEPLOYMENT in result.stdout, result.stdout
-    return Team(remote, worker, submitter)
+    return Team(repo, remote, worker, submitter)
 
 
 def start_run(team: Team, api: str, *params: str) -> str:
@@ -94,10 +103,9 @@ def running_span(api: str, run_id: str) -> tuple[str, str]:
 
 
 def test_workers_in_their_own_clone_run_each_flow_run_once_one_at_a_time_and_push_the_outs(
-    pipeline_copy: Path, prefect_server: str, tmp_path: Path
+    team: Team, prefect_server: str, tmp_path: Path
 ) -> None:
     api = prefect_server
-    team = deployed(pipeline_copy, api, tmp_path)
     deployment = prefect_api(api, f"/deployments/name/{DEPLOYMENT}")
     assert deployment["work_pool_name"] == POOL
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
@@ -109,7 +117,7 @@ def test_workers_in_their_own_clone_run_each_flow_run_once_one_at_a_time_and_pus
         }
     ]
     # The remote loses the model card, which the worker's clone has: only its push restores it.
-    md5 = lock_md5(pipeline_copy, CARD)
+    md5 = lock_md5(team.origin, CARD)
     lost = object_in(team.remote, md5)
     lost.unlink()
 
@@ -139,7 +147,7 @@ def test_workers_in_their_own_clone_run_each_flow_run_once_one_at_a_time_and_pus
     dvc(team.submitter, "pull")
     assert "up to date" in dvc(team.submitter, "status").stdout
     assert "in sync" in dvc(team.submitter, "status", "-c").stdout
-    assert (team.submitter / CARD).read_bytes() == (pipeline_copy / CARD).read_bytes()
+    assert (team.submitter / CARD).read_bytes() == (team.origin / CARD).read_bytes()
 
 
 def shorten_silence_window(api: str, seconds: int) -> None:
@@ -154,10 +162,9 @@ def shorten_silence_window(api: str, seconds: int) -> None:
 
 
 def test_a_dead_workers_run_turns_crashed_and_a_rerun_resumes_training(
-    pipeline_copy: Path, prefect_server: str, tmp_path: Path
+    team: Team, prefect_server: str, tmp_path: Path
 ) -> None:
     api = prefect_server
-    team = deployed(pipeline_copy, api, tmp_path)
     shorten_silence_window(api, 32)
     with prefect_worker(team.worker, api, POOL, tmp_path / "dying.log"):
         healthy = start_run(team, api, *QUICK)
