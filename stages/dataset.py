@@ -44,8 +44,19 @@ class ShiftFlip:
         return images
 
 
+def normalize_images(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """ToTensor's 0..1 scaling and Normalize(mean, std), on a whole uint8 batch [N,28,28] at once;
+    the result is float32 [N,1,28,28]."""
+    scaled = images.unsqueeze(-3).to(torch.float32).div_(255.0)
+    return scaled.sub_(mean).div_(std)
+
+
 class FashionMNISTTensors(Dataset):
-    """One split as tensors on one device; items come out normalised, shaped [1,28,28]."""
+    """One split as tensors on one device; items come out normalised, shaped [1,28,28].
+
+    Without augmentation every epoch reads the same normalised images, so they are normalised
+    once, here (4 bytes a pixel instead of 1), and a batch is one gather. With augmentation the
+    uint8 images are kept, and each batch is augmented, then normalised."""
 
     def __init__(
         self,
@@ -57,30 +68,28 @@ class FashionMNISTTensors(Dataset):
         augment: ShiftFlip | None = None,
     ) -> None:
         check_split(images, labels, "FashionMNISTTensors")
-        self.images = images.to(device)
         self.labels = labels.to(device)
         self.mean = mean
         self.std = std
         self.augment = augment
+        images = images.to(device)
+        self.images = images if augment is not None else normalize_images(images, mean, std)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def transform(self, images: torch.Tensor) -> torch.Tensor:
-        """ToTensor's 0..1 scaling and Normalize(mean, std), on a whole batch at once."""
-        scaled = images.unsqueeze(-3).to(torch.float32).div_(255.0)
-        return scaled.sub_(self.mean).div_(self.std)
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(self.images[index]), self.labels[index]
+        if self.augment is not None:
+            return normalize_images(self.images[index], self.mean, self.std), self.labels[index]
+        return self.images[index], self.labels[index]
 
     def __getitems__(self, indices: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         # DataLoader hands a whole batch of indices here: one gather instead of a call per sample.
         index = torch.as_tensor(indices).to(self.labels.device, non_blocking=True)
-        images = self.images[index]
+        images = self.images.index_select(0, index)
         if self.augment is not None:
-            images = self.augment(images)
-        return self.transform(images), self.labels[index]
+            images = normalize_images(self.augment(images), self.mean, self.std)
+        return images, self.labels.index_select(0, index)
 
 
 class IndexBatchSampler(Sampler[torch.Tensor]):

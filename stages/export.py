@@ -51,7 +51,7 @@ from stages.config import (
     TRAINED_WEIGHTS,
     Params,
 )
-from stages.dataset import FashionMNISTTensors
+from stages.dataset import normalize_images
 from stages.errors import StageError
 from stages.fashion_mnist import CLASSES, IMAGE_SIDE, load_split, split_path
 from stages.model import architecture, describe, load_model
@@ -215,7 +215,7 @@ def scored_test_inputs(
     images, labels = load_split(processed_dir, "test")
     if not len(labels):
         raise StageError(f"{path}: no images, so nothing to check model.onnx on")
-    return FashionMNISTTensors(images, labels, mean, std).transform(images)
+    return normalize_images(images, mean, std)
 
 
 def onnx_bytes(model: nn.Module) -> bytes:

@@ -524,3 +524,12 @@ def test_a_full_disk_at_the_checkpoint_names_the_disk_and_the_space_needed(
             train.fn(small_params, processed_dir, tmp_path / "w.pth", tmp_path / "l", disk / "c.pt")
         assert list(disk.iterdir()) == []
     assert not (tmp_path / "w.pth").exists()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_bf16_steps_with_the_fused_optimizer_and_fp32_with_the_portable_one(optimizer: str) -> None:
+    fp32 = Params().train.model_copy(update={"optimizer": optimizer})
+    bf16 = fp32.model_copy(update={"precision": "bf16"})
+    model = NeuralNetwork([4])
+    assert not stages.train.make_optimizer(model, fp32).defaults["fused"]
+    assert stages.train.make_optimizer(model, bf16).defaults["fused"]
