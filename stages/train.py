@@ -90,8 +90,8 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def make_optimizer(model: nn.Module, hp: TrainParams) -> torch.optim.Optimizer:
     """The optimizer; under bf16 on a CPU or GPU its fused kernel (one pass over each tensor,
-    about 7 % faster than the default), whose rounding may differ between CPUs: bf16 is tied to
-    one CPU model already. fp32 keeps the default, which holds the portable bytes."""
+    faster: docs/results.md), whose rounding may differ between CPUs, as bf16's already does.
+    fp32 keeps the default kernel, which holds the portable bytes."""
     device = next(model.parameters()).device
     fused = hp.precision == "bf16" and device.type in ("cpu", "cuda")
     options = {"weight_decay": hp.weight_decay, "fused": fused or None}
@@ -370,8 +370,12 @@ def open_live(live_dir: Path) -> Live:
         raise StageError(f"dvclive needs a git repository with a commit here: {exc}") from None
 
 
-def log_epoch(live: Live, epoch: int, metrics: dict[str, float]) -> None:
-    """One row per curve, numbered by epoch from 1 (dvclive's `step`)."""
+def log_epoch(live: Live | None, epoch: int, metrics: dict[str, float]) -> None:
+    """One row per curve, numbered by epoch from 1 (dvclive's `step`). A data-parallel rank that
+    writes no outs has no Live (None): dvclive's end-of-run cleanup of its signal file in
+    .dvc/tmp races between processes of one checkout, and fails the loser."""
+    if live is None:
+        return
     live.step = epoch
     for name, value in metrics.items():
         live.log_metric(name, round(value, 6))
@@ -534,7 +538,7 @@ def train(
     with (
         atomic_paths(weights_path, record_path) as (weights_staging, record_staging),
         atomic_dir(live_dir) as live_staging,
-        open_live(live_staging) as live,
+        open_live(live_staging) if rank.writes else nullcontext() as live,
         tqdm(
             total=hp.epochs,
             initial=progress.epoch - 1,

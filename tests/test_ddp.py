@@ -228,11 +228,13 @@ def test_two_machines_meet_at_the_rendezvous_and_each_writes_the_same_weights(
     """Two "machines" on 127.0.0.1, each a `train` stage with its own outs folder, 1 worker each."""
     params = with_train(small_params, nnodes=2)
     raw = json.dumps(params.model_dump(mode="json"))
-    env = {**os.environ, RDZV_ENDPOINT_ENV: f"127.0.0.1:{free_port()}"}
+    env = {**os.environ, RDZV_ENDPOINT_ENV: f"127.0.0.1:{free_port()}", "PYTHONPATH": str(REPO)}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
     machines = [
         subprocess.Popen(
             [sys.executable, "-c", KILL_RUN, raw, str(tmp_path / name), str(processed_dir)],
-            cwd=REPO,
+            cwd=tmp_path / name,  # each machine has its own checkout: no shared .dvc/tmp
             env=env,
             stderr=subprocess.PIPE,
             text=True,
