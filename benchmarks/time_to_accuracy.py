@@ -38,11 +38,13 @@ from stages.device import cpu_name, native_bf16, resolve_device  # noqa: E402
 from stages.model import accuracy, load_model, test_loop  # noqa: E402
 from stages.train import train  # noqa: E402
 
-# The fast profile (docs/results.md "bf16 and the fast profile"): bf16 autocast, 4x the batch.
+# The fast profile (docs/results.md "bf16 and the fast profile"): bf16 autocast, 4x the batch,
+# and each pixel standardised, which lets the larger batch take a larger rate.
 FAST_PROFILE = [
     "train.precision=bf16",
     "train.batch_size=512",
-    "train.learning_rate=0.3",
+    "train.learning_rate=0.4",
+    "train.input_scaling=per_pixel",
     "train.epochs=20",
 ]
 TARGET = 0.90  # the validation accuracy "time to" measures

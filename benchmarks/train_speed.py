@@ -154,10 +154,13 @@ def measure(
     runs["stage"] = lambda n: train_loop(
         limited(stage_loader, n), stage_model, loss_fn, stage_optimizer
     )
+    # Under bf16 the stage stores the train images as autocast casts them (stages/train.py).
+    bf16_data = load_dataset(PROCESSED_DIR, "train", device, dtype=torch.bfloat16)
+    bf16_loader = make_loader(bf16_data, batch_size, shuffle=True, generator=torch.Generator())
     stage_bf16_model, stage_bf16_optimizer = fresh_sgd()
     runs["stage_bf16"] = with_onednn(
         lambda n: train_loop(
-            limited(stage_loader, n),
+            limited(bf16_loader, n),
             stage_bf16_model,
             loss_fn,
             stage_bf16_optimizer,

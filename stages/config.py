@@ -103,11 +103,22 @@ class TrainParams(Section):
     # bf16: forward and loss under torch.autocast in bfloat16; weights, optimizer state and the
     # saved weights stay fp32, and so do evaluation and export (docs/results.md "bf16").
     precision: Literal["fp32", "bf16"] = "fp32"
+    # per_pixel: train on each pixel standardised over the train split (a diagonal preconditioner
+    # for the first layer), then fold that into the first layer, so that the saved weights take
+    # stats.json's inputs as always (docs/results.md "The fast profile"). The MLP only.
+    input_scaling: Literal["global", "per_pixel"] = "global"
     # Data-parallel training (docs/ddp.md): 1 trains in this process, as always; N > 1 starts N
     # workers with torchrun, each on its share of every global batch of batch_size images.
     nproc_per_node: Annotated[int, Field(ge=1)] = 1
     # Machines, each running the stage with these params, meeting at FMNIST_RDZV_ENDPOINT.
     nnodes: Annotated[int, Field(ge=1)] = 1
+
+    @model_validator(mode="after")
+    def _per_pixel_scaling_needs_the_mlp(self) -> TrainParams:
+        if self.input_scaling == "per_pixel" and self.model != "mlp":
+            # A convolution's zero padding does not commute with a per-pixel shift: no exact fold.
+            raise ValueError("input_scaling = 'per_pixel' needs model = 'mlp'")
+        return self
 
 
 class EvaluateParams(Section):

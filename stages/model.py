@@ -152,6 +152,32 @@ def describe(p: TrainParams) -> str:
     return f"NeuralNetwork(hidden_sizes={p.hidden_sizes})"
 
 
+FIRST_LAYER = "linear_relu_stack.0"  # the MLP's first Linear, the one that sees the pixels
+
+
+def fold_input_normalization(
+    state: dict[str, torch.Tensor],
+    trained_on: tuple[torch.Tensor, torch.Tensor],
+    served: tuple[float, float],
+) -> dict[str, torch.Tensor]:
+    """The MLP's weights, trained on inputs normalised pixel by pixel with `trained_on` (mean,
+    std), rewritten to take inputs normalised with `served` (stats.json's one mean and std).
+
+    The first Linear sees the pixels through an affine map, so this is exact up to rounding: with
+    x = (p - served_mean) / served_std, W (p - mean) / std + b = W' x + b' for
+    W' = W * served_std / std and b' = b + W (served_mean - mean) / std (computed in float64).
+    """
+    weight = state[f"{FIRST_LAYER}.weight"].double()
+    bias = state[f"{FIRST_LAYER}.bias"].double()
+    mean, std = (t.cpu().double().flatten() for t in trained_on)
+    served_mean, served_std = served
+    folded = {
+        f"{FIRST_LAYER}.weight": weight * (served_std / std),
+        f"{FIRST_LAYER}.bias": bias + weight @ ((served_mean - mean) / std),
+    }
+    return {**state, **{k: v.to(state[k].dtype) for k, v in folded.items()}}
+
+
 def architecture(p: TrainParams) -> str:
     """`build_model(p)` in words, for the model card."""
     head = "-".join(map(str, [*p.hidden_sizes, NUM_CLASSES]))

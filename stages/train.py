@@ -65,7 +65,13 @@ from stages.config import (
     Params,
     TrainParams,
 )
-from stages.dataset import IndexBatchSampler, ShiftFlip, load_dataset, make_loader
+from stages.dataset import (
+    FashionMNISTTensors,
+    IndexBatchSampler,
+    ShiftFlip,
+    make_loader,
+    pixel_stats,
+)
 from stages.device import (
     Logger,
     configure_determinism,
@@ -74,8 +80,8 @@ from stages.device import (
     resolve_device,
 )
 from stages.errors import StageError
-from stages.fashion_mnist import STATS_FILE, load_stats
-from stages.model import accuracy, build_model, test_losses
+from stages.fashion_mnist import STATS_FILE, load_split, load_stats
+from stages.model import accuracy, build_model, fold_input_normalization, test_losses
 from stages.records import RECORD_FILE, make_record, read_record, recorded_outputs
 from stages.runtime import run_cli, stage_logger
 
@@ -389,9 +395,18 @@ def make_loaders(
     order_generator: torch.Generator,
     augment: ShiftFlip | None,
 ) -> tuple[DataLoader, DataLoader]:
-    """The train loader (shuffled by `order_generator`, augmented) and the validation loader."""
-    train_data = load_dataset(processed_dir, "train", device, augment)
-    val_data = load_dataset(processed_dir, "val", device)
+    """The train loader (shuffled by `order_generator`, augmented) and the validation loader.
+    Under bf16 the train images are stored as autocast would cast them (the same values). Under
+    `train.input_scaling: per_pixel` both splits are normalised with the train split's per-pixel
+    stats, which the datasets keep (`.mean`, `.std`) for folding into the saved weights."""
+    hp = params.train
+    train_images, train_labels = load_split(processed_dir, "train")
+    mean, std = load_stats(processed_dir)
+    if hp.input_scaling == "per_pixel":
+        mean, std = pixel_stats(train_images)
+    dtype = torch.bfloat16 if hp.precision == "bf16" else torch.float32
+    train_data = FashionMNISTTensors(train_images, train_labels, mean, std, device, augment, dtype)
+    val_data = FashionMNISTTensors(*load_split(processed_dir, "val"), mean, std, device)
     batch_size = params.train.batch_size
     if batch_size > len(train_data):
         raise StageError(
@@ -573,7 +588,12 @@ def train(
             logger.info("epoch %d/%d: %s", epoch, hp.epochs, format_metrics(metrics))
             progress.finish_epoch(metrics, next_order=order_generator.get_state())
             checkpoints.save(progress)
-        torch_save(cpu_state_dict(model), weights_staging)
+        weights = cpu_state_dict(model)
+        if hp.input_scaling == "per_pixel":  # the saved weights take stats.json's inputs
+            dataset = train_loader.dataset
+            stats = load_stats(processed_dir)
+            weights = fold_input_normalization(weights, (dataset.mean, dataset.std), stats)
+        torch_save(weights, weights_staging)
         made = {Path(weights_path).name: file_digest(weights_staging, "sha256")}
         record = train_record(params, processed_dir, data_digests, made, device, num_threads)
         record_staging.write_text(json_text(record))

@@ -133,6 +133,27 @@ def test_custom_dataset_items_and_batches_agree(processed_dir: Path) -> None:
     assert torch.equal(torch.cat([b[1] for b in batches]), labels)
 
 
+@pytest.mark.parametrize("augmented", [False, True])
+def test_bf16_batches_hold_what_autocast_makes_of_the_fp32_ones(
+    processed_dir: Path, augmented: bool
+) -> None:
+    images, labels = load_split(processed_dir, "test")
+
+    def batch(dtype: torch.dtype) -> torch.Tensor:
+        flip = ShiftFlip(1, hflip=True, generator=torch.Generator().manual_seed(0))
+        dataset = FashionMNISTTensors(
+            images, labels, 0.3, 0.4, augment=flip if augmented else None, dtype=dtype
+        )
+        return dataset.__getitems__(torch.arange(8))[0]
+
+    fp32, bf16 = batch(torch.float32), batch(torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and fp32.dtype == torch.float32
+    linear = torch.nn.Linear(28 * 28, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(linear(bf16.flatten(1)), linear(fp32.flatten(1)))
+    assert torch.equal(bf16, fp32.to(torch.bfloat16))
+
+
 def test_index_batch_sampler_is_seeded_and_covers_every_sample() -> None:
     def order(seed: int) -> list[torch.Tensor]:
         return list(

@@ -12,10 +12,17 @@ import stages.checkpoint
 import stages.model
 import stages.train
 from stages.artifacts import OutputError, load_torch
-from stages.config import Params
+from stages.config import Params, TrainParams
+from stages.dataset import load_dataset, make_loader, normalize_images, pixel_stats
 from stages.errors import StageError
 from stages.fashion_mnist import StatsError
-from stages.model import ModelTooLargeError, NeuralNetwork, build_model, parameter_count
+from stages.model import (
+    ModelTooLargeError,
+    NeuralNetwork,
+    build_model,
+    fold_input_normalization,
+    parameter_count,
+)
 from stages.records import RecordError
 from stages.train import train
 
@@ -161,6 +168,44 @@ def test_bf16_trains_under_autocast_into_fp32_weights_byte_for_byte_again(
     assert accuracy > 0.5  # it learns as fp32 does (chance is 0.1)
 
 
+def test_folding_per_pixel_normalization_gives_the_same_logits_on_stats_json_inputs() -> None:
+    torch.manual_seed(0)
+    model = NeuralNetwork([16])
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
+    mean, std = pixel_stats(images)
+    served = (0.29, 0.35)
+    folded = NeuralNetwork([16])
+    folded.load_state_dict(fold_input_normalization(model.state_dict(), (mean, std), served))
+    expected = model(normalize_images(images, mean, std))
+    got = folded(normalize_images(images, *served))
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(model(normalize_images(images, *served)), expected, atol=1e-2)
+
+
+def test_per_pixel_scaling_is_refused_for_the_cnn() -> None:
+    with pytest.raises(ValueError, match="input_scaling = 'per_pixel' needs model = 'mlp'"):
+        TrainParams(model="cnn", input_scaling="per_pixel")
+
+
+def test_per_pixel_scaling_saves_weights_that_score_on_stats_json_inputs_as_in_training(
+    tmp_path: Path, processed_dir: Path, small_params: Params, trained: dict[str, Path]
+) -> None:
+    params = with_train(small_params, input_scaling="per_pixel")
+    train.fn(params, processed_dir, tmp_path / "w.pth", tmp_path / "live", tmp_path / "ck.pt")
+    model = stages.model.load_model(tmp_path / "w.pth", params.train)
+    val = load_dataset(processed_dir, "val", torch.device("cpu"))  # stats.json's normalisation
+    _, predictions = stages.model.test_loop(make_loader(val, 100, shuffle=False), model)
+    last_epoch = float((tmp_path / "live/plots/metrics/val/accuracy.tsv").read_text().split()[-1])
+    assert stages.model.accuracy(predictions, val.labels) == pytest.approx(last_epoch, abs=1e-6)
+    fp32 = load_torch(trained["weights_path"])
+    assert not torch.equal(
+        load_torch(tmp_path / "w.pth")["linear_relu_stack.2.weight"],
+        fp32["linear_relu_stack.2.weight"],
+    )
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["params"]["train"]["input_scaling"] == "per_pixel"
+
+
 def test_bf16_divergence_is_caught_as_in_fp32(
     tmp_path: Path, processed_dir: Path, small_params: Params
 ) -> None:
@@ -242,18 +287,26 @@ def resumable(small_params: Params) -> Params:
     return small_params.model_copy(update={"train": p})
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"precision": "fp32"},
+        {"precision": "bf16"},
+        {"precision": "bf16", "input_scaling": "per_pixel"},  # as the fast profile trains
+    ],
+    ids=["fp32", "bf16", "bf16-per_pixel"],
+)
 @pytest.mark.parametrize("kill_after", [1, 2, 4, 6])  # mid-epoch 1, end of 1, mid 3, end of 3
 def test_resume_after_interruption_is_byte_identical(
     tmp_path: Path,
     processed_dir: Path,
     resumable: Params,
     kill_after: int,
-    precision: str,
+    changes: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    resumable = with_train(resumable, precision=precision)
+    resumable = with_train(resumable, **changes)
     unbroken = tmp_path / "unbroken"
     train.fn(resumable, processed_dir, unbroken / "w.pth", unbroken / "live", unbroken / "ck.pt")
     assert not (unbroken / "ck.pt").exists()  # deleted once the weights are written
