@@ -163,8 +163,10 @@ def load_dataset(
     device: torch.device,
     augment: ShiftFlip | None = None,
     dtype: torch.dtype = torch.float32,
+    stats: tuple[Stat, Stat] | None = None,
 ) -> FashionMNISTTensors:
-    """One processed split, normalised with the stats preprocess chose, placed on `device` once."""
+    """One processed split, placed on `device` once, normalised with `stats` (mean, std), by
+    default the ones preprocess chose (stats.json)."""
     images, labels = load_split(processed_dir, split)
-    mean, std = load_stats(processed_dir)
+    mean, std = stats if stats is not None else load_stats(processed_dir)
     return FashionMNISTTensors(images, labels, mean, std, device, augment, dtype)

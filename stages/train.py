@@ -65,13 +65,7 @@ from stages.config import (
     Params,
     TrainParams,
 )
-from stages.dataset import (
-    FashionMNISTTensors,
-    IndexBatchSampler,
-    ShiftFlip,
-    make_loader,
-    pixel_stats,
-)
+from stages.dataset import IndexBatchSampler, ShiftFlip, load_dataset, make_loader, pixel_stats
 from stages.device import (
     Logger,
     configure_determinism,
@@ -400,13 +394,12 @@ def make_loaders(
     `train.input_scaling: per_pixel` both splits are normalised with the train split's per-pixel
     stats, which the datasets keep (`.mean`, `.std`) for folding into the saved weights."""
     hp = params.train
-    train_images, train_labels = load_split(processed_dir, "train")
-    mean, std = load_stats(processed_dir)
+    stats = None  # stats.json's
     if hp.input_scaling == "per_pixel":
-        mean, std = pixel_stats(train_images)
+        stats = pixel_stats(load_split(processed_dir, "train")[0])
     dtype = torch.bfloat16 if hp.precision == "bf16" else torch.float32
-    train_data = FashionMNISTTensors(train_images, train_labels, mean, std, device, augment, dtype)
-    val_data = FashionMNISTTensors(*load_split(processed_dir, "val"), mean, std, device)
+    train_data = load_dataset(processed_dir, "train", device, augment, dtype, stats)
+    val_data = load_dataset(processed_dir, "val", device, stats=stats)
     batch_size = params.train.batch_size
     if batch_size > len(train_data):
         raise StageError(
