@@ -174,6 +174,14 @@ train.fn(params, Path(sys.argv[3]), out / "w.pth", out / "live", out / "ck.pt")
 
 
 @pytest.mark.slow
+def command_line(process: psutil.Process) -> list[str]:
+    """Its command line; empty for a short-lived child that exited after it was listed."""
+    try:
+        return process.cmdline()
+    except psutil.NoSuchProcess:
+        return []
+
+
 def test_a_killed_worker_stops_the_stage_with_an_error(
     tmp_path: Path, processed_dir: Path, small_params: Params
 ) -> None:
@@ -189,7 +197,7 @@ def test_a_killed_worker_stops_the_stage_with_an_error(
             workers = [
                 p
                 for p in psutil.Process(stage.pid).children(recursive=True)
-                if "stages.distributed" in (line := p.cmdline())
+                if "stages.distributed" in (line := command_line(p))
                 and "torch.distributed.run" not in line
             ]
         assert len(workers) == 2
